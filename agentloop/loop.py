@@ -1,0 +1,207 @@
+"""The capped generation loop.
+
+A `Session` owns one KV cache and the token history behind it. `feed` prefills tokens in chunks,
+`generate` decodes step by step; both yield events. Before every forward the loop checks that the
+cache, grown by that forward, stays under the cap; if not it pauses, asks the memory policy to make
+room, and resumes, or stops cleanly. New tokens always get RoPE positions from the logical length.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from agentloop import attention
+from agentloop.cache import CompactableCache
+from agentloop.errors import AgentloopError
+from agentloop.events import Event, PauseEvent, PolicyEvent, PrefillEvent, StopEvent, TokenEvent
+from agentloop.memcap import MemCap, format_bytes, parse_mem_cap
+from agentloop.models import LoadedModel
+from agentloop.policies import MemoryPolicy, NoPolicy, Room
+
+
+class GenerationSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = no top-k filter")
+    seed: int = 0
+    stop: list[str] = Field(default_factory=list, description="stop strings")
+    ignore_eos: bool = False
+
+
+class Session:
+    """One KV cache under a memory cap, fed and decoded by the loop."""
+
+    def __init__(self, loaded: LoadedModel, cap: MemCap | str | int | None = None,
+                 policy: MemoryPolicy | None = None, prefill_chunk: int = 512):
+        self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
+        attention.enable(self.model)
+        self.cache = CompactableCache(self.model.config)
+        self.policy = policy or NoPolicy()
+        self.element_size = torch.empty((), dtype=loaded.dtype).element_size()
+        if isinstance(cap, (str, int)):
+            cap = parse_mem_cap(cap)
+        self.cap_bytes = cap.to_bytes(self.model.config, loaded.dtype) if cap is not None else None
+        self.prefill_chunk = prefill_chunk
+        self.token_ids: list[int] = []
+        self.prompt_len = 0
+        self.last_logits: torch.Tensor | None = None  # fp32 logits of the newest position
+        self.peak_bytes = 0
+        self.policy_actions = 0
+        self._t0 = time.perf_counter()
+
+    # --- public -------------------------------------------------------------------------------
+    def feed(self, ids: list[int]) -> Iterator[Event]:
+        """Prefill `ids` after what the cache holds, in chunks, under the cap."""
+        if not ids:
+            return
+        if not self.prompt_len:
+            self.prompt_len = len(ids)
+        start = time.perf_counter()
+        for i in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[i:i + self.prefill_chunk]
+            fits = yield from self._make_room(len(chunk))
+            if not fits:
+                need = self.cache.bytes_after(len(chunk), self.element_size)
+                raise AgentloopError(
+                    f"the memory cap ({format_bytes(self.cap_bytes)}) is too small for the input: "
+                    f"{len(self.token_ids) + len(chunk)} tokens need {format_bytes(need)} and policy "
+                    f"{self.policy.name!r} cannot free room; raise --mem-cap or choose a compacting policy"
+                )
+            self._forward(chunk)
+        yield PrefillEvent(t=self._now(), tokens=len(ids), seconds=time.perf_counter() - start,
+                           logical_len=self.cache.logical_len, physical_len=self.cache.physical_len,
+                           cache_bytes=self.cache.nbytes())
+
+    def generate(self, settings: GenerationSettings | None = None) -> Iterator[Event]:
+        """Decode until EOS, a stop string, max_new_tokens, or a cap the policy cannot make room under."""
+        settings = settings or GenerationSettings()
+        if self.last_logits is None:
+            raise AgentloopError("nothing to continue from: feed a prompt before generating")
+        generator = torch.Generator().manual_seed(settings.seed)
+        eos = set() if settings.ignore_eos else _eos_ids(self.model, self.tokenizer)
+        detok = IncrementalDetokenizer(self.tokenizer)
+        actions_before, start = self.policy_actions, time.perf_counter()
+        reason, message, error = "max_new_tokens", "", False
+        for step in range(settings.max_new_tokens):
+            token = sample(self.last_logits, settings, generator)
+            if token in eos:
+                reason = "eos"
+                break
+            fits = yield from self._make_room(1)
+            if not fits:
+                reason, error = "mem_cap", not isinstance(self.policy, NoPolicy)
+                message = (f"memory cap {format_bytes(self.cap_bytes)} reached after {step} new tokens; "
+                           f"policy {self.policy.name!r} " + ("stops at the cap" if not error else "could not free room"))
+                break
+            self._forward([token])
+            piece = detok.add(token)
+            yield TokenEvent(t=self._now(), step=step, token_id=token, text=piece,
+                             logical_len=self.cache.logical_len, physical_len=self.cache.physical_len,
+                             cache_bytes=self.cache.nbytes())
+            if settings.stop and any(s in detok.text[-(len(s) + len(piece) + 8):] for s in settings.stop):
+                reason = "stop_string"
+                break
+        seconds = time.perf_counter() - start
+        yield StopEvent(t=self._now(), reason=reason, error=error, message=message, text=detok.text,
+                        new_tokens=detok.count, decode_seconds=seconds,
+                        tokens_per_second=detok.count / seconds if seconds > 0 else 0.0,
+                        peak_bytes=self.peak_bytes, cap_bytes=self.cap_bytes,
+                        policy_actions=self.policy_actions - actions_before)
+
+    # --- internals ----------------------------------------------------------------------------
+    def _now(self) -> float:
+        return round(time.perf_counter() - self._t0, 6)
+
+    def _make_room(self, n_new: int):
+        """Generator: pause and ask the policy until `n_new` tokens fit; returns whether they do."""
+        if self.cap_bytes is None:
+            return True
+        for _ in range(16):
+            projected = self.cache.bytes_after(n_new, self.element_size)
+            if projected <= self.cap_bytes:
+                return True
+            before_bytes, before_slots = self.cache.nbytes(), self.cache.physical_len
+            yield PauseEvent(t=self._now(), needed_tokens=n_new, cache_bytes=before_bytes,
+                             projected_bytes=projected, cap_bytes=self.cap_bytes)
+            tic = time.perf_counter()
+            room = Room(cache=self.cache, cap_bytes=self.cap_bytes, needed_tokens=n_new,
+                        element_size=self.element_size, prompt_len=self.prompt_len, model=self.model,
+                        token_ids=self.token_ids)
+            details = self.policy.make_room(room)
+            if details is None:
+                return False
+            self.policy_actions += 1
+            yield PolicyEvent(t=self._now(), policy=self.policy.name, action=details.pop("action", "evict"),
+                              bytes_before=before_bytes, bytes_after=self.cache.nbytes(),
+                              physical_before=before_slots, physical_after=self.cache.physical_len,
+                              logical_len=self.cache.logical_len, seconds=time.perf_counter() - tic,
+                              details=details)
+        return False
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int]) -> None:
+        first = self.cache.logical_len
+        device = self.loaded.device
+        input_ids = torch.tensor([ids], device=device)
+        positions = torch.arange(first, first + len(ids), device=device)[None]
+        out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=self.cache,
+                         use_cache=True, beta_cache=self.cache, logits_to_keep=1)
+        self.last_logits = out.logits[0, -1].float()
+        self.token_ids.extend(ids)
+        self.peak_bytes = max(self.peak_bytes, self.cache.nbytes())
+
+
+def sample(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator) -> int:
+    """Greedy when temperature is 0; otherwise temperature, top-k and top-p sampling."""
+    if settings.temperature == 0:
+        return int(logits.argmax())
+    scores = logits.float().cpu() / settings.temperature
+    if settings.top_k:
+        kth = torch.topk(scores, min(settings.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if settings.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_scores.softmax(-1) > settings.top_p  # keep the smallest set reaching top_p
+        scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
+    return ids
+
+
+class IncrementalDetokenizer:
+    """Decode a growing token stream piece by piece without splitting multi-byte characters."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self.count = 0
+        self._prefix = 0  # tokens before this index are already reflected in `text`
+        self._prefix_text = ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        self.count += 1
+        window = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if window.endswith("\ufffd"):  # an incomplete character: wait for the next token
+            return ""
+        piece = window[len(self._prefix_text):]
+        self.text += piece
+        # keep a few tokens of context so merges at the boundary decode the same way
+        self._prefix = max(0, len(self.ids) - 4)
+        self._prefix_text = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
+        return piece

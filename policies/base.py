@@ -1,0 +1,45 @@
+"""The memory-policy interface.
+
+A policy is a small dataclass. When the next forward would push the KV cache over its cap, the loop
+pauses and calls `make_room(room)`; the policy edits `room.cache` (evict, compact, ...) and returns a
+short description of what it did, or None if it cannot (or will not) free anything. The loop then
+re-checks the cap and resumes, or stops cleanly. Policies never see the cap exceeded: they are asked
+before the forward that would exceed it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from agentloop.cache import CompactableCache
+
+
+@dataclass
+class Room:
+    """What a policy needs to know when asked to free memory."""
+
+    cache: CompactableCache
+    cap_bytes: int
+    needed_tokens: int  # tokens the next forward appends
+    element_size: int  # bytes per cached element
+    prompt_len: int  # tokens of the first prompt fed to the session
+    model: Any = None  # the model, for policies that run it (attention matching)
+    token_ids: list[int] | None = None  # every token fed so far, in order
+
+    def excess_bytes(self) -> int:
+        return self.cache.bytes_after(self.needed_tokens, self.element_size) - self.cap_bytes
+
+    def slots_to_free(self) -> int:
+        """Slots to drop from every full-attention layer so that the next forward fits."""
+        per_slot = self.cache.full_slot_bytes(self.element_size)
+        return max(0, math.ceil(self.excess_bytes() / per_slot)) if per_slot else 0
+
+
+@dataclass
+class MemoryPolicy:
+    name: ClassVar[str] = "base"
+
+    def make_room(self, room: Room) -> dict[str, Any] | None:
+        raise NotImplementedError
