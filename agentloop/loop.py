@@ -48,6 +48,7 @@ class Session:
         if isinstance(cap, (str, int)):
             cap = parse_mem_cap(cap)
         self.cap_bytes = cap.to_bytes(self.model.config, loaded.dtype) if cap is not None else None
+        self.cap_slots = cap.value if cap is not None and cap.unit == "tokens" else None
         self.prefill_chunk = prefill_chunk
         self.token_ids: list[int] = []
         self.prompt_len = 0
@@ -125,13 +126,14 @@ class Session:
             return True
         for _ in range(16):
             projected = self.cache.bytes_after(n_new, self.element_size)
-            if projected <= self.cap_bytes:
+            slots_fit = self.cap_slots is None or self.cache.physical_len + n_new <= self.cap_slots
+            if projected <= self.cap_bytes and slots_fit:
                 return True
             before_bytes, before_slots = self.cache.nbytes(), self.cache.physical_len
             yield PauseEvent(t=self._now(), needed_tokens=n_new, cache_bytes=before_bytes,
                              projected_bytes=projected, cap_bytes=self.cap_bytes)
             tic = time.perf_counter()
-            room = Room(cache=self.cache, cap_bytes=self.cap_bytes, needed_tokens=n_new,
+            room = Room(cache=self.cache, cap_bytes=self.cap_bytes, cap_slots=self.cap_slots, needed_tokens=n_new,
                         element_size=self.element_size, prompt_len=self.prompt_len, model=self.model,
                         token_ids=self.token_ids)
             details = self.policy.make_room(room)
@@ -196,6 +198,8 @@ class IncrementalDetokenizer:
     def add(self, token: int) -> str:
         self.ids.append(token)
         self.count += 1
+        if self.tokenizer is None:  # a bare model (tests, custom pipelines): token ids only
+            return ""
         window = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
         if window.endswith("\ufffd"):  # an incomplete character: wait for the next token
             return ""

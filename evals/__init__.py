@@ -1,0 +1,44 @@
+"""Benchmarks and evals, each runnable as `agentloop eval <name>` and writing evals/results/<name>.{json,md}."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+EVALS: dict[str, tuple[str, str]] = {
+    "decode-speed": ("agentloop.evals.decode_speed", "tok/s of the capped loop vs HF generate on the default model"),
+}
+
+
+def results_dir() -> Path:
+    """evals/results in a source checkout (where results are committed), else ./evals/results."""
+    here = Path(__file__).resolve().parent
+    return here / "results" if (here.parent / "pyproject.toml").is_file() else Path.cwd() / "evals" / "results"
+
+
+def write_results(name: str, data: dict, markdown: str) -> Path:
+    out = results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    return out / f"{name}.md"
+
+
+def run_eval(name: str | None, argv: list[str]) -> int:
+    if name in (None, "-h", "--help", "list"):
+        print("usage: agentloop eval NAME [options]   (agentloop eval NAME --help for its options)\n\nevals:")
+        for key, (_, summary) in EVALS.items():
+            print(f"  {key:18s} {summary}")
+        return 0
+    if name not in EVALS:
+        from agentloop.errors import AgentloopError
+
+        raise AgentloopError(f"unknown eval {name!r}: choose one of {', '.join(EVALS)}")
+    module = importlib.import_module(EVALS[name][0])
+    return module.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(run_eval(sys.argv[1] if len(sys.argv) > 1 else None, sys.argv[2:]))

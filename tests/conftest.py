@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random-weight models built from configs, and the real default model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+from agentloop.models import LoadedModel, load_model
+
+VOCAB = 512
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+
+
+def _tiny(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**_COMMON))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**_COMMON))
+    elif arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**_COMMON, head_dim=16))
+    elif arch == "gemma3":
+        config = Gemma3TextConfig(**{**_COMMON, "num_hidden_layers": 4}, head_dim=16, query_pre_attn_scalar=16,
+                                  sliding_window=16,
+                                  layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+        model = Gemma3ForCausalLM(config)
+    else:
+        raise ValueError(arch)
+    # random init is tiny; scale weights up so attention is far from uniform and errors would show
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(8.0)
+    return model.eval()
+
+
+ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
+
+
+@pytest.fixture(params=ARCHS)
+def tiny(request) -> LoadedModel:
+    return LoadedModel(model=_tiny(request.param), tokenizer=None, name=f"tiny-{request.param}", source="config")
+
+
+@pytest.fixture
+def tiny_llama() -> LoadedModel:
+    return LoadedModel(model=_tiny("llama"), tokenizer=None, name="tiny-llama", source="config")
+
+
+@pytest.fixture
+def tiny_gemma3() -> LoadedModel:
+    return LoadedModel(model=_tiny("gemma3"), tokenizer=None, name="tiny-gemma3", source="config")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LoadedModel:
+    return load_model("smollm2-135m")
+
+
+def reference_copy(loaded: LoadedModel) -> torch.nn.Module:
+    """A stock copy of the model (plain SDPA attention), to compare the loop against."""
+    model = copy.deepcopy(loaded.model)
+    model.set_attn_implementation("sdpa")
+    return model

@@ -1,0 +1,130 @@
+"""The CLI as a user runs it: a subprocess, one-line errors with exit code 2, a complete trace."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from agentloop.errors import AgentloopError
+from agentloop.memcap import parse_mem_cap
+
+
+def agentloop(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agentloop.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def write_task(tmp_path, body: str, name: str = "task.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+GOOD = """
+    model: smollm2-135m
+    task: Say hello.
+    generation: {max_new_tokens: 8}
+    memory: {cap: 64MB, policy: truncate}
+"""
+
+
+@pytest.mark.parametrize("text,value,unit", [
+    ("8GB", 8 * 10**9, "bytes"), ("512MiB", 512 * 2**20, "bytes"), ("1.5GB", 1_500_000_000, "bytes"),
+    ("2e9", 2_000_000_000, "bytes"), ("2048tok", 2048, "tokens"), ("64 MB", 64 * 10**6, "bytes"), ("100", 100, "bytes"),
+])
+def test_mem_cap_parsing(text, value, unit):
+    cap = parse_mem_cap(text)
+    assert (cap.value, cap.unit) == (value, unit)
+
+
+@pytest.mark.parametrize("text", ["", "8XB", "GB", "-5GB", "1.5tok", "0MB", "8 G B"])
+def test_mem_cap_rejects_garbage(text):
+    with pytest.raises(AgentloopError):
+        parse_mem_cap(text)
+
+
+def _one_line_error(result, *needles):
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_mem_cap_string(tmp_path):
+    _one_line_error(agentloop("run", write_task(tmp_path, GOOD), "--mem-cap", "12 parsecs"), "parsecs", "mem-cap")
+
+
+def test_unknown_policy(tmp_path):
+    _one_line_error(agentloop("run", write_task(tmp_path, GOOD), "--policy", "magic"), "magic", "streaming")
+
+
+def test_unknown_policy_in_file(tmp_path):
+    task = write_task(tmp_path, GOOD.replace("truncate", "evict-all"))
+    _one_line_error(agentloop("run", task), "memory.policy", "evict-all")
+
+
+def test_missing_model_file(tmp_path):
+    _one_line_error(agentloop("run", write_task(tmp_path, GOOD), "--model", str(tmp_path / "nope.gguf")), "nope.gguf")
+
+
+def test_corrupt_gguf(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    result = agentloop("run", write_task(tmp_path, GOOD), "--model", str(bad))
+    _one_line_error(result, "broken.gguf")
+
+
+def test_bad_yaml(tmp_path):
+    task = write_task(tmp_path, "model: smollm2-135m\ntask: [unclosed\n")
+    _one_line_error(agentloop("run", task), "bad YAML", "line")
+
+
+def test_unknown_task_field(tmp_path):
+    task = write_task(tmp_path, GOOD + "    temprature: 0.3\n")
+    _one_line_error(agentloop("run", task), "temprature")
+
+
+def test_unknown_nested_field(tmp_path):
+    task = write_task(tmp_path, GOOD.replace("max_new_tokens: 8", "max_new_tokens: 8, nucleus: 0.9"))
+    _one_line_error(agentloop("run", task), "generation.nucleus")
+
+
+def test_missing_task_file(tmp_path):
+    _one_line_error(agentloop("run", str(tmp_path / "absent.yaml")), "absent.yaml")
+
+
+def test_bad_flag():
+    result = agentloop("run")
+    _one_line_error(result, "task")
+
+
+def test_cap_smaller_than_prompt(tmp_path, smollm2):
+    task = write_task(tmp_path, GOOD.replace("policy: truncate", "policy: none"))
+    _one_line_error(agentloop("run", task, "--mem-cap", "8tok"), "too small", "--mem-cap")
+
+
+def test_run_writes_a_complete_trace(tmp_path, smollm2):
+    trace = tmp_path / "trace.jsonl"
+    task = write_task(tmp_path, GOOD.replace("max_new_tokens: 8", "max_new_tokens: 60, ignore_eos: true"))
+    result = agentloop("run", task, "--mem-cap", "40tok", "--policy", "streaming", "--trace", str(trace), "--quiet")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert kinds[0] == "run" and kinds[-1] == "stop" and "policy" in kinds
+    assert kinds.count("token") == 60
+    cap = records[0]["cap_bytes"]
+    assert all(r["cache_bytes"] <= cap for r in records if r["kind"] == "token")
+    assert records[-1]["text"] == result.stdout.rstrip("\n")
+
+
+def test_info_reports_bytes_per_token(smollm2):
+    result = agentloop("info", "smollm2-135m", "--mem-cap", "2048tok")
+    assert result.returncode == 0, result.stderr
+    # SmolLM2-135M: 30 layers x 3 KV heads x 64 dims x 2 x 4 bytes = 46,080 B/token in fp32
+    assert "46,080 B/token" in result.stdout and "2,048 cache slots" in result.stdout

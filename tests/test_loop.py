@@ -1,0 +1,196 @@
+"""The loop against a plain transformers forward: logits, β, positions, and the cap."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from agentloop import GenerationSettings, Session
+from agentloop.chat import encode_messages
+from agentloop.policies import make_policy
+from conftest import reference_copy
+
+
+def _prompt(n: int, seed: int = 1, vocab: int = 512) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _run(session: Session, prompt: list[int], steps: int, settings: GenerationSettings | None = None):
+    """Feed, decode, and return the fp32 logits seen before each sampled token, plus the events."""
+    events = list(session.feed(prompt))
+    logits = [session.last_logits.clone()]
+    settings = settings or GenerationSettings(max_new_tokens=steps, ignore_eos=True)
+    for event in session.generate(settings):
+        events.append(event)
+        if event.kind == "token":
+            logits.append(session.last_logits.clone())
+    return torch.stack(logits), events
+
+
+@torch.no_grad()
+def _reference_logits(model, token_ids: list[int], first: int) -> torch.Tensor:
+    """Logits of a single plain forward over all tokens, at positions first-1 .. end-1."""
+    out = model(torch.tensor([token_ids])).logits[0].float()
+    return out[first - 1:]
+
+
+def test_logits_match_plain_forward_for_100_steps(tiny):
+    reference = reference_copy(tiny)
+    prompt = _prompt(37)
+    session = Session(tiny, prefill_chunk=8)
+    logits, _ = _run(session, prompt, steps=110)
+    assert session.cache.logical_len == len(prompt) + 110
+    expected = _reference_logits(reference, session.token_ids, len(prompt))
+    assert logits.shape == expected.shape
+    assert (logits - expected).abs().max() <= 1e-4
+
+
+def test_smollm2_logits_match_plain_forward(smollm2):
+    reference = reference_copy(smollm2)
+    prompt = encode_messages(smollm2.tokenizer, [{"role": "user", "content": "List three facts about the moon."}])
+    session = Session(smollm2, prefill_chunk=16)
+    logits, events = _run(session, list(prompt), steps=100)
+    expected = _reference_logits(reference, session.token_ids, len(prompt))
+    assert (logits - expected).abs().max() <= 1e-4
+    assert events[-1].text.strip(), "decoded text should not be empty"
+
+
+def _spans_of(session: Session, start: int, end: int):
+    return {i: (session.cache.layers[i].keys[..., start:end, :].clone(),
+                session.cache.layers[i].values[..., start:end, :].clone()) for i in session.cache.compactable}
+
+
+def _continue(session: Session, steps: int = 20) -> torch.Tensor:
+    logits = [session.last_logits.clone()]
+    for event in session.generate(GenerationSettings(max_new_tokens=steps, ignore_eos=True)):
+        if event.kind == "token":
+            logits.append(session.last_logits.clone())
+    return torch.stack(logits)
+
+
+def test_replacing_a_span_with_itself_and_zero_beta_changes_nothing(tiny):
+    prompt = _prompt(30)
+    plain = Session(tiny)
+    list(plain.feed(prompt))
+    replaced = Session(tiny)
+    list(replaced.feed(prompt))
+    for i, (keys, values) in _spans_of(replaced, 5, 25).items():
+        replaced.cache.replace(i, 5, 25, keys, values, beta=torch.zeros(keys.shape[:-1]))
+        assert replaced.cache.beta(i) is not None  # the β path really runs
+    assert (_continue(plain) - _continue(replaced)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("copies", [2, 5])
+def test_k_duplicate_keys_equal_one_key_with_beta_log_k(tiny, copies):
+    prompt = _prompt(30)
+    duplicated = Session(tiny)
+    list(duplicated.feed(prompt))
+    merged = Session(tiny)
+    list(merged.feed(prompt))
+    for i, (keys, values) in _spans_of(duplicated, 10, 11).items():
+        duplicated.cache.replace(i, 10, 11, keys.repeat(1, 1, copies, 1), values.repeat(1, 1, copies, 1))
+        merged.cache.replace(i, 10, 11, keys, values, beta=torch.full(keys.shape[:-1], math.log(copies)))
+    assert duplicated.cache.physical_len == merged.cache.physical_len + copies - 1
+    a, b = _continue(duplicated), _continue(merged)
+    assert (a - b).abs().max() <= 1e-5
+    # control: without β the merged cache really differs, so the check above can fail
+    control = Session(tiny)
+    list(control.feed(prompt))
+    for i, (keys, values) in _spans_of(control, 10, 11).items():
+        control.cache.replace(i, 10, 11, keys.repeat(1, 1, copies, 1), values.repeat(1, 1, copies, 1))
+        control.cache.replace(i, 10, 10 + copies, keys, values)
+    assert (a - _continue(control)).abs().max() > 1e-3
+
+
+def test_new_tokens_continue_from_the_logical_length(tiny_llama):
+    prompt = _prompt(40)
+    session = Session(tiny_llama)
+    list(session.feed(prompt))
+    kept = torch.cat([torch.arange(0, 8), torch.arange(24, 40)])
+    for i in session.cache.compactable:
+        session.cache.keep(i, kept)
+    assert (session.cache.logical_len, session.cache.physical_len) == (40, 24)
+
+    # reference by hand: a stock model over a stock cache holding exactly the kept slots
+    reference = reference_copy(tiny_llama)
+    stock = DynamicCache()
+    for i, layer in enumerate(session.cache.layers):
+        stock.update(layer.keys.clone(), layer.values.clone(), i)
+    token = int(session.last_logits.argmax())
+
+    def stock_logits(position: int) -> torch.Tensor:
+        cache = DynamicCache()
+        for i, layer in enumerate(stock.layers):
+            cache.update(layer.keys.clone(), layer.values.clone(), i)
+        with torch.no_grad():
+            out = reference(torch.tensor([[token]]), position_ids=torch.tensor([[position]]), past_key_values=cache)
+        return out.logits[0, -1].float()
+
+    ours = _continue(session, steps=1)[1]
+    assert (ours - stock_logits(40)).abs().max() <= 1e-4
+    assert (ours - stock_logits(24)).abs().max() > 1e-3  # physical positions would be wrong
+
+
+def test_sliding_layers_are_never_compacted(tiny_gemma3):
+    session = Session(tiny_gemma3)
+    list(session.feed(_prompt(40)))
+    sliding = [i for i in range(len(session.cache.layers)) if i not in session.cache.compactable]
+    assert sliding == [0, 2]
+    layer = session.cache.layers[sliding[0]]
+    assert layer.physical_len <= layer.sliding_window
+    with pytest.raises(ValueError, match="sliding-window layer"):
+        session.cache.keep(sliding[0], torch.arange(4))
+
+
+def test_nbytes_counts_every_tensor(tiny_llama):
+    session = Session(tiny_llama)
+    list(session.feed(_prompt(20)))
+    layers = session.cache.layers
+    expected = sum(l.keys.numel() * 4 + l.values.numel() * 4 for l in layers)
+    assert session.cache.nbytes() == expected
+    keys, values = layers[0].keys[..., :4, :], layers[0].values[..., :4, :]
+    session.cache.replace(0, 0, 8, keys, values, beta=torch.zeros(keys.shape[:-1]))
+    assert session.cache.nbytes() == expected - 4 * 2 * 2 * 16 * 4 + 2 * 16 * 4  # 4 slots gone, β for 16 slots
+    assert session.cache.bytes_after(3, 4) == session.cache.nbytes() + 3 * session.cache.full_slot_bytes(4)
+
+
+@pytest.mark.parametrize("policy", ["truncate", "streaming"])
+def test_physical_bytes_never_exceed_the_cap_over_1000_tokens(tiny_llama, policy):
+    session = Session(tiny_llama, cap="120tok", policy=make_policy(policy))
+    prompt = _prompt(24)
+    list(session.feed(prompt))
+    cap, steps, actions = session.cap_bytes, 0, 0
+    for event in session.generate(GenerationSettings(max_new_tokens=1000, temperature=1.0, seed=3, ignore_eos=True)):
+        held = session.cache.nbytes()
+        assert held <= cap, f"{held} bytes held over a cap of {cap}"
+        if event.kind == "token":
+            steps += 1
+            assert event.cache_bytes == held
+        actions += event.kind == "policy"
+    assert steps == 1000 and actions >= 10
+    assert session.cache.logical_len == 1024 and session.cache.physical_len <= 120
+    assert session.peak_bytes <= cap
+
+
+def test_none_policy_stops_at_the_cap(tiny_llama):
+    session = Session(tiny_llama, cap="64tok")
+    list(session.feed(_prompt(24)))
+    events = list(session.generate(GenerationSettings(max_new_tokens=500, ignore_eos=True)))
+    stop = events[-1]
+    assert stop.kind == "stop" and stop.reason == "mem_cap" and not stop.error
+    assert stop.new_tokens == 40 and session.cache.physical_len == 64
+    assert session.peak_bytes <= session.cap_bytes
+
+
+def test_sampling_is_seeded(tiny_llama):
+    def sample_run(seed):
+        session = Session(tiny_llama)
+        list(session.feed(_prompt(10)))
+        list(session.generate(GenerationSettings(max_new_tokens=30, temperature=1.0, top_p=0.9, top_k=50,
+                                                 seed=seed, ignore_eos=True)))
+        return session.token_ids
+    assert sample_run(1) == sample_run(1)
+    assert sample_run(1) != sample_run(2)
