@@ -1,7 +1,8 @@
 """β-aware attention, registered with transformers' AttentionInterface (no forked modeling files).
 
 The model runs with `attn_implementation="agentloop"`. The loop passes its cache as the `beta_cache`
-forward kwarg, which transformers hands through to every attention call. A layer whose cache slots
+forward kwarg, which transformers hands through to every attention call (and, when reference queries
+are being collected for compaction, a `query_recorder` that sees each layer's post-RoPE queries). A layer whose cache slots
 carry no β runs the stock SDPA path unchanged; a layer with β adds it to the logits of its cached slots
 through an additive float mask (physical causal alignment: the queries are the last q_len slots).
 """
@@ -18,7 +19,9 @@ IMPLEMENTATION = "agentloop"
 
 
 def beta_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                        beta_cache=None, **kwargs):
+                        beta_cache=None, query_recorder=None, **kwargs):
+    if query_recorder is not None:
+        query_recorder.record(module.layer_idx, query)
     beta = beta_cache.beta(module.layer_idx) if beta_cache is not None else None
     if beta is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

@@ -154,6 +154,24 @@ class CompactableCache(Cache):
         layer = self.layers[layer_idx]
         return getattr(layer, "beta", None)
 
+    # --- temporary extensions (reference-query probes) ------------------------------------------
+    def snapshot(self) -> list:
+        """What `restore` needs to undo later appends: lengths for full layers, copies of sliding windows."""
+        return [(layer.keys.clone(), layer.values.clone(), layer.cumulative_length) if isinstance(layer, SlidingLayer)
+                else (layer.physical_len, layer.logical_len, layer.beta is not None) for layer in self.layers]
+
+    def restore(self, snapshot: list) -> None:
+        """Drop everything appended since `snapshot` (no replace/keep may have happened in between)."""
+        for layer, saved in zip(self.layers, snapshot):
+            if isinstance(layer, SlidingLayer):
+                layer.keys, layer.values, layer.cumulative_length = saved
+                continue
+            physical, logical, had_beta = saved
+            layer.keys = layer.keys[..., :physical, :].clone()
+            layer.values = layer.values[..., :physical, :].clone()
+            layer.beta = layer.beta[..., :physical].clone() if had_beta else None
+            layer.logical_len = logical
+
     # --- edits --------------------------------------------------------------------------------
     def replace(self, layer_idx: int, start: int, end: int, keys: torch.Tensor, values: torch.Tensor,
                 beta: torch.Tensor | None = None) -> None:

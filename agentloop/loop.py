@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agentloop import attention
 from agentloop.cache import CompactableCache
+from agentloop.compaction.queries import QueryRecorder
 from agentloop.errors import AgentloopError
 from agentloop.events import Event, PauseEvent, PolicyEvent, PrefillEvent, StopEvent, TokenEvent
 from agentloop.memcap import MemCap, format_bytes, parse_mem_cap
@@ -58,8 +59,8 @@ class Session:
         self._t0 = time.perf_counter()
 
     # --- public -------------------------------------------------------------------------------
-    def feed(self, ids: list[int]) -> Iterator[Event]:
-        """Prefill `ids` after what the cache holds, in chunks, under the cap."""
+    def feed(self, ids: list[int], recorder: QueryRecorder | None = None) -> Iterator[Event]:
+        """Prefill `ids` after what the cache holds, in chunks, under the cap (optionally recording queries)."""
         if not ids:
             return
         if not self.prompt_len:
@@ -75,7 +76,7 @@ class Session:
                     f"{len(self.token_ids) + len(chunk)} tokens need {format_bytes(need)} and policy "
                     f"{self.policy.name!r} cannot free room; raise --mem-cap or choose a compacting policy"
                 )
-            self._forward(chunk)
+            self._forward(chunk, recorder)
         yield PrefillEvent(t=self._now(), tokens=len(ids), seconds=time.perf_counter() - start,
                            logical_len=self.cache.logical_len, physical_len=self.cache.physical_len,
                            cache_bytes=self.cache.nbytes())
@@ -147,15 +148,35 @@ class Session:
                               details=details)
         return False
 
+    def probe(self, ids: list[int], generate: int = 0, seed: int = 0) -> dict[int, torch.Tensor]:
+        """Run `ids` (then `generate` sampled tokens) on top of the cache, recording the queries of every
+        compactable layer, then roll the cache back. Returns {layer: [kv_heads, n, head_dim]}."""
+        recorder = QueryRecorder(self.cache.compactable, self.cache.kv_heads)
+        snapshot = self.cache.snapshot()
+        settings = GenerationSettings(temperature=0.7, top_p=0.9, seed=seed)
+        generator = torch.Generator().manual_seed(seed)
+        try:
+            for i in range(0, len(ids), self.prefill_chunk):
+                logits = self._step(ids[i:i + self.prefill_chunk], recorder)
+            for _ in range(generate):
+                logits = self._step([sample(logits, settings, generator)], recorder)
+        finally:
+            self.cache.restore(snapshot)
+        return recorder.queries()
+
     @torch.inference_mode()
-    def _forward(self, ids: list[int]) -> None:
+    def _step(self, ids: list[int], recorder: QueryRecorder | None = None) -> torch.Tensor:
+        """One forward of `ids` after the cache, at logical positions; returns the last position's fp32 logits."""
         first = self.cache.logical_len
         device = self.loaded.device
         input_ids = torch.tensor([ids], device=device)
         positions = torch.arange(first, first + len(ids), device=device)[None]
         out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=self.cache,
-                         use_cache=True, beta_cache=self.cache, logits_to_keep=1)
-        self.last_logits = out.logits[0, -1].float()
+                         use_cache=True, beta_cache=self.cache, query_recorder=recorder, logits_to_keep=1)
+        return out.logits[0, -1].float()
+
+    def _forward(self, ids: list[int], recorder: QueryRecorder | None = None) -> None:
+        self.last_logits = self._step(ids, recorder)
         self.token_ids.extend(ids)
         self.peak_bytes = max(self.peak_bytes, self.cache.nbytes())
 

@@ -1,0 +1,118 @@
+"""Reference queries for compaction: the model's own post-RoPE queries, pooled per KV head.
+
+Sources (each returns {layer_idx: [kv_heads, n, head_dim]}):
+  repeat   - on the live cache, prefill "Repeat the previous context verbatim." and then the context
+             itself, capture the queries, roll the cache back;
+  context  - the span's own queries, captured while it was prefilled (a recorder passed to `feed`);
+  selfstudy- the model writes short answers about the context (summary, key facts, its own questions);
+             the queries of those answers are captured, then the cache is rolled back;
+  recorded - queries of recent decode steps (a recorder kept by the session).
+"""
+
+from __future__ import annotations
+
+import torch
+
+REPEAT_INSTRUCTION = "Repeat the previous context verbatim."
+SELF_STUDY_PROMPTS = (
+    "Summarize the main points of the context.",
+    "List all the key facts, names and numbers mentioned in the context.",
+    "Ask and answer three questions about the details of the context.",
+)
+
+
+class QueryRecorder:
+    """Collects each layer's post-RoPE queries [batch, q_heads, q_len, d] as [kv_heads, groups * q_len, d].
+
+    `window` keeps only the newest tokens' queries (a ring for decode-time recording)."""
+
+    def __init__(self, layers: list[int], kv_heads: int, window: int | None = None):
+        self.layers, self.kv_heads, self.window = set(layers), kv_heads, window
+        self._chunks: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+        self._tokens: dict[int, int] = {i: 0 for i in layers}
+
+    def record(self, layer_idx: int, query: torch.Tensor) -> None:
+        if layer_idx not in self.layers:
+            return
+        _, q_heads, q_len, dim = query.shape
+        groups = q_heads // self.kv_heads
+        # [1, q_heads, q_len, d] -> [kv_heads, groups, q_len, d]: the query heads that share a KV head
+        pooled = query[0].detach().reshape(self.kv_heads, groups, q_len, dim).float()
+        self._chunks[layer_idx].append(pooled)
+        self._tokens[layer_idx] += q_len
+        if self.window is not None and self._tokens[layer_idx] > 2 * self.window:
+            self._chunks[layer_idx] = [self._stacked(layer_idx)[:, :, -self.window:]]
+            self._tokens[layer_idx] = self.window
+
+    def _stacked(self, layer_idx: int) -> torch.Tensor:
+        return torch.cat(self._chunks[layer_idx], dim=2)  # [kv_heads, groups, tokens, d]
+
+    @property
+    def tokens(self) -> int:
+        return min(self._tokens.values(), default=0)
+
+    def queries(self) -> dict[int, torch.Tensor]:
+        """{layer: [kv_heads, groups * tokens, d]} (the newest `window` tokens if windowed)."""
+        out = {}
+        for layer_idx in self.layers:
+            if not self._chunks[layer_idx]:
+                continue
+            q = self._stacked(layer_idx)
+            if self.window is not None:
+                q = q[:, :, -self.window:]
+            out[layer_idx] = q.reshape(self.kv_heads, -1, q.shape[-1])
+        return out
+
+
+def subsample(queries: dict[int, torch.Tensor], max_per_head: int | None, seed: int) -> dict[int, torch.Tensor]:
+    """Keep at most `max_per_head` queries per KV head, the same random rows in every layer."""
+    if not queries or max_per_head is None:
+        return queries
+    n = min(q.shape[1] for q in queries.values())
+    if n <= max_per_head:
+        return queries
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_per_head].sort().values
+    return {i: q[:, rows.to(q.device)] for i, q in queries.items()}
+
+
+def combine(sources: list[tuple[dict[int, torch.Tensor], float]], budget: int | None, seed: int) -> dict[int, torch.Tensor]:
+    """Mix sources with weights: each gets `weight * budget` rows per KV head (all of them if budget is None)."""
+    total = sum(w for _, w in sources)
+    parts = [subsample(q, None if budget is None else max(1, int(budget * w / total)), seed + k)
+             for k, (q, w) in enumerate(sources) if q]
+    layers = set.intersection(*(set(p) for p in parts)) if parts else set()
+    return {i: torch.cat([p[i] for p in parts], dim=1) for i in sorted(layers)}
+
+
+def repeat_queries(session, context_ids: list[int]) -> dict[int, torch.Tensor]:
+    """Repeat-prefill: '<instruction>' as a user turn, then the context as the assistant's answer."""
+    ids = _repeat_prompt_ids(session.tokenizer, context_ids)
+    return session.probe(ids)
+
+
+def self_study_queries(session, max_new_tokens: int = 48, seed: int = 0) -> dict[int, torch.Tensor]:
+    """The model answers short study prompts about the context; the queries of prompt + answer are kept."""
+    parts = [(session.probe(turn_ids(session.tokenizer, prompt), generate=max_new_tokens, seed=seed + k), 1.0)
+             for k, prompt in enumerate(SELF_STUDY_PROMPTS)]
+    return combine(parts, budget=None, seed=seed)
+
+
+def turn_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a new user turn (with the assistant's generation prompt) appended to a conversation.
+
+    Found as the text the chat template adds for one more user message; without a template, plain text."""
+    history = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
+    try:
+        before = tokenizer.apply_chat_template(history, tokenize=False)
+        after = tokenizer.apply_chat_template(history + [{"role": "user", "content": text}], tokenize=False,
+                                              add_generation_prompt=True)
+        suffix = after[len(before):] if after.startswith(before) else f"\n{text}\n"
+    except Exception:  # no chat template, or one that rejects this history
+        suffix = f"\n{text}\n"
+    return [int(i) for i in tokenizer(suffix, add_special_tokens=False)["input_ids"]]
+
+
+def _repeat_prompt_ids(tokenizer, context_ids: list[int]) -> list[int]:
+    if tokenizer is None:  # bare models (tests): the context twice is the closest analogue
+        return list(context_ids)
+    return turn_ids(tokenizer, REPEAT_INSTRUCTION) + list(context_ids)
