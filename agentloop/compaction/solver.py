@@ -1,0 +1,484 @@
+"""Attention Matching (AM) solver: compact T cached keys/values of each KV head into t slots.
+
+For reference queries Q and original logits S = scale·QKᵀ + bias, the compact block (Ck, β, Cv) keeps
+  mass:    Σ_j exp(S_j)  ≈  Σ_i exp(scale·q·Ck_i + β_i)
+  output:  softmax(S) V  ≈  softmax(scale·QCkᵀ + β) Cv
+Ck is always a subset of the rows of K. β = log w, where w ≥ 0 solves a bounded least-squares fit of the
+row-max-shifted mass E = exp(S − rowmax(S)); Cv solves a least-squares fit of the outputs.
+
+Every function is batched over a leading head axis H (layers × KV heads may be flattened into it).
+Shapes: Q [H, n, d], K [H, T, d], V [H, T, dv], bias [H, T] (may hold −inf for padding slots), all float32.
+The bias is the existing β of already-compacted slots; a fitted β replaces it (it is the key's whole bias).
+Big [H, n, T] tensors are float32; the small t×t normal equations are solved in float64 by Cholesky,
+which keeps float32 data exact enough and tolerates duplicate keys. The per-stage functions process all
+heads they are given at once; `compact` and `evaluate` split the heads into memory-bounded chunks.
+
+Deviation from the paper's recipe (on by default, `active_set_iters=0` turns it off): after lstsq + clamp,
+full β fits run an active-set method to the exact bounded-LS optimum. Clamping an unconstrained solution
+with large negative entries can leave a mass fit far worse than w = 0 on collinear keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+CHUNK_BYTES = 1 << 30  # budget for one [heads, n, T] float32 tensor inside compact/evaluate
+JITTER = 1e-12  # Cholesky jitter, relative to the mean diagonal of the Gram matrix; grows ×1e4 on failure
+MIN_WEIGHT = 1e-12  # lower bound on w = exp(β) when no lower β bound is given ("key off", β ≈ −27.6)
+ACTIVE_SET_ITERS = 100  # cap on active-set steps after lstsq + clamp in every full β fit (0: as in the paper)
+SINKS = 4  # leading slots kept by the streaming baseline
+
+
+# ----------------------------------------------------------------------------------------------------
+# attention pieces
+
+def attention_logits(Q: Tensor, K: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
+    """S = scale·QKᵀ + bias: [H, n, T]."""
+    if bias is None:
+        return torch.bmm(Q, K.mT).mul_(scale)
+    return torch.baddbmm(bias[:, None, :], Q, K.mT, alpha=scale)
+
+
+def shifted_exp(Q: Tensor, K: Tensor, scale: float, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """E = exp(S − rowmax(S)) [H, n, T] and rowmax(S) [H, n]. Each row needs at least one finite logit."""
+    E = attention_logits(Q, K, scale, bias)
+    rowmax = E.amax(-1)
+    return E.sub_(rowmax[..., None]).exp_(), rowmax
+
+
+def attend(Q: Tensor, K: Tensor, V: Tensor, scale: float, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Attention output [H, n, dv] and log-sum-exp of the logits [H, n]."""
+    probs = attention_logits(Q, K, scale, bias)
+    lse = probs.logsumexp(-1)
+    probs.sub_(lse[..., None]).exp_()
+    return torch.bmm(probs, V), lse
+
+
+def _columns(E: Tensor, idx: Tensor) -> Tensor:
+    """E[h, :, idx[h]]: [H, n, T], [H, k] -> [H, n, k]."""
+    return E.gather(2, idx[:, None, :].expand(-1, E.shape[1], -1))
+
+
+def _rows(K: Tensor, idx: Tensor) -> Tensor:
+    """K[h, idx[h], :]: [H, T, d], [H, k] -> [H, k, d]."""
+    return K.gather(1, idx[..., None].expand(-1, -1, K.shape[-1]))
+
+
+def _unbiasing(K: Tensor, bias: Tensor | None) -> Tensor:
+    """exp(−bias) per key, 0 for padding keys (bias −inf): [H, T] float64. A column of E times this factor is
+    the column of the bare key, since the fitted β is the key's whole logit bias, not an increment."""
+    if bias is None:
+        return torch.ones(K.shape[:2], dtype=torch.float64, device=K.device)
+    return torch.where(bias > -math.inf, (-bias.double()).exp(), 0.0)
+
+
+def _design(E: Tensor, idx: Tensor, unbiasing: Tensor) -> Tensor:
+    """Mass design matrix of the bare keys idx: E[h, :, idx[h]] · exp(−bias), [H, n, t] float64."""
+    return _columns(E, idx).double() * unbiasing.gather(1, idx)[:, None, :]
+
+
+# ----------------------------------------------------------------------------------------------------
+# least-squares cores (float64 normal equations, [H, k, k])
+
+def _solve_spd(gram: Tensor, rhs: Tensor, ridge: float = 0.0) -> Tensor:
+    """Solve (gram + ridge·I) x = rhs per head ([H, k, k], [H, k, m]); jitter grows where Cholesky fails."""
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    jitter = JITTER * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(torch.finfo(gram.dtype).tiny) + ridge  # [H]
+    for _ in range(3):
+        chol, info = torch.linalg.cholesky_ex(gram + jitter[:, None, None] * eye)
+        failed = info > 0
+        if not failed.any():
+            break
+        jitter = torch.where(failed, jitter * 1e4, jitter)
+    return torch.cholesky_solve(rhs, chol)
+
+
+def _top_eigenvalue(gram: Tensor, iters: int = 3) -> Tensor:
+    """Largest eigenvalue of each PSD gram [H, k, k] by power iteration (Rayleigh quotient): [H]."""
+    v = torch.ones(gram.shape[:2], dtype=gram.dtype, device=gram.device)
+    for _ in range(iters):
+        v = torch.nn.functional.normalize((gram @ v[..., None])[..., 0], dim=-1)
+    return (v * (gram @ v[..., None])[..., 0]).sum(-1).clamp_min(torch.finfo(gram.dtype).tiny)
+
+
+def _face_solve(gram: Tensor, rhs: Tensor, w: Tensor, free: Tensor) -> Tensor:
+    """Minimiser of the LS loss over the free variables, the others held at their values in w: [H, k]."""
+    held = ~free
+    scale = gram.diagonal(dim1=1, dim2=2).mean(1, keepdim=True)  # [H, 1]
+    face_gram = gram.masked_fill(held[:, :, None] | held[:, None, :], 0.0) + torch.diag_embed(held * scale)
+    face_rhs = torch.where(held, w * scale, rhs - (gram @ (w * held)[..., None])[..., 0])
+    return _solve_spd(face_gram, face_rhs[..., None])[..., 0]
+
+
+def _active_set(gram: Tensor, rhs: Tensor, w: Tensor, w_lo: float, w_hi: float, iters: int) -> Tensor:
+    """Box-constrained LS from a feasible w by an active-set method (BVLS-like, releasing every KKT violator
+    at once). Each step lowers the loss; it stops at the exact optimum or after `iters` face solves."""
+    free = (w > w_lo) & (w < w_hi)
+    tol = 1e-10 * rhs.abs().amax(-1, keepdim=True)
+    for _ in range(iters):
+        z = _face_solve(gram, rhs, w, free)
+        below, above = free & (z < w_lo), free & (z > w_hi)
+        # longest step towards z that stays feasible; the variables that reach a bound are held there
+        ratio = torch.where(below, (w - w_lo) / (w - z), torch.where(above, (w_hi - w) / (z - w), math.inf))
+        alpha = ratio.amin(-1, keepdim=True).clamp(max=1.0)
+        blocked = (below | above) & (ratio <= alpha)
+        w = torch.where(free, w + alpha * (z - w), w)
+        w = torch.where(blocked & below, w_lo, torch.where(blocked & above, w_hi, w)).clamp(w_lo, w_hi)
+        free &= ~blocked
+        # at the optimum of a face, release the held variables whose gradient points into the box
+        grad = (gram @ w[..., None])[..., 0] - rhs
+        at_face_optimum = ~(below | above).any(-1, keepdim=True)
+        release = at_face_optimum & ~free & (((w <= w_lo) & (grad < -tol)) | ((w >= w_hi) & (grad > tol)))
+        if not (release.any() or (below | above).any()):
+            break
+        free |= release
+    return w
+
+
+def _bounded_solve(gram: Tensor, rhs: Tensor, w_lo: float, w_hi: float, pgd_iters: int = 0,
+                   active_set_iters: int = 0) -> Tensor:
+    """min ||Mw − y||² s.t. w_lo ≤ w ≤ w_hi from gram = MᵀM [H, k, k], rhs = Mᵀy [H, k]: unconstrained solve,
+    clamp, active-set refinement, then projected-gradient steps of size 1/σ_max². Returns w [H, k], float64."""
+    w = _solve_spd(gram, rhs[..., None])[..., 0].clamp(w_lo, w_hi)
+    w = _active_set(gram, rhs, w, w_lo, w_hi, active_set_iters)
+    if pgd_iters:
+        step = 1.0 / _top_eigenvalue(gram)  # [H]
+        for _ in range(pgd_iters):
+            grad = (gram @ w[..., None])[..., 0] - rhs
+            w = (w - step[:, None] * grad).clamp(w_lo, w_hi)
+    return w
+
+
+def _weight_bounds(lo: float | None, hi: float | None) -> tuple[float, float]:
+    """β bounds (log space, None = open) -> bounds on w = exp(β)."""
+    return (MIN_WEIGHT if lo is None else math.exp(lo)), (math.inf if hi is None else math.exp(hi))
+
+
+def _fit_weights(E: Tensor, mass: Tensor, idx: Tensor, unbiasing: Tensor, w_lo: float, w_hi: float,
+                 pgd_iters: int, active_set_iters: int) -> Tensor:
+    """Bounded LS weights of the keys idx against the mass [H, n] of all keys (E [H, n, T]): w [H, t]."""
+    M = _design(E, idx, unbiasing)  # [H, n, t]
+    rhs = (M.mT @ mass.double()[..., None])[..., 0]
+    return _bounded_solve(M.mT @ M, rhs, w_lo, w_hi, pgd_iters, active_set_iters).float()
+
+
+def _to_beta(w: Tensor, unbiasing: Tensor) -> Tensor:
+    """β = log w, −inf for keys that were padding in the original block (unbiasing 0): [H, t]."""
+    return w.log().masked_fill(unbiasing == 0, -math.inf)
+
+
+def _fit_values(Q: Tensor, keys: Tensor, beta: Tensor, scale: float, target: Tensor, ridge: float) -> Tensor:
+    """Cv = argmin ||X Cv − target||² + ridge·||Cv||², X = softmax(scale·Q keysᵀ + β): [H, t, dv]."""
+    X = torch.softmax(attention_logits(Q, keys, scale, beta), -1).double()  # [H, n, t]
+    return _solve_spd(X.mT @ X, X.mT @ target.double(), ridge).float()
+
+
+# ----------------------------------------------------------------------------------------------------
+# key selection
+
+def _attention_scores(E: Tensor, mass: Tensor, score: str) -> Tensor:
+    """Per-key score over queries of the softmax weights A = E / mass: [H, T]."""
+    A = E / mass[..., None]  # [H, n, T]
+    if score == "rms":
+        return A.square_().mean(1).sqrt_()
+    if score == "mean":
+        return A.mean(1)
+    if score == "max":
+        return A.amax(1)
+    raise ValueError(f"unknown score {score!r} (rms, mean, max)")
+
+
+def _top_keys(scores: Tensor, t: int) -> Tensor:
+    return scores.topk(t, dim=-1).indices.sort(-1).values
+
+
+class _MassPursuit:
+    """Greedy orthogonal matching pursuit on the mass residual y − M w, for all heads at once.
+
+    Candidates are ranked by their raw correlation Eᵀ(y − Mw) (E holds each key's current, biased mass).
+    Each head owns t slots; a slot holds one key as its bare-key design column, or is vacant (zero column,
+    w = 0). The normal equations G = MᵀM, b = Mᵀy (float64) are updated slot by slot: a refit costs O(t³).
+    """
+
+    def __init__(self, E: Tensor, mass: Tensor, t: int, unbiasing: Tensor):
+        heads, n, T = E.shape
+        self.E, self.mass, self.unbiasing = E, mass.double(), unbiasing  # [H, n, T], [H, n], [H, T]
+        on = dict(device=E.device)
+        self.idx = torch.zeros(heads, t, dtype=torch.long, **on)
+        self.vacant = torch.ones(heads, t, dtype=torch.bool, **on)
+        self.in_slot = torch.zeros(heads, T, dtype=torch.bool, **on)
+        self.demoted = unbiasing == 0  # padding and dropped keys: picked only when nothing else is left
+        self.M = torch.zeros(heads, n, t, dtype=torch.float64, **on)
+        self.G = torch.zeros(heads, t, t, dtype=torch.float64, **on)
+        self.b = torch.zeros(heads, t, dtype=torch.float64, **on)
+        self.w = torch.zeros(heads, t, dtype=torch.float64, **on)
+
+    def correlations(self) -> Tensor:
+        """Eᵀ(y − Mw) per candidate key, lowest for demoted keys, −inf for keys already in a slot: [H, T]."""
+        residual = self.mass - (self.M @ self.w[..., None])[..., 0]  # [H, n]
+        corr = torch.bmm(residual.float()[:, None, :], self.E)[:, 0]
+        corr = corr.masked_fill(self.demoted, torch.finfo(corr.dtype).min)
+        return corr.masked_fill(self.in_slot, -math.inf)
+
+    def add(self, k: int, w_new: float) -> None:
+        """Put the k best-correlated keys of each head into its first vacant slots."""
+        top = self.correlations().topk(k, dim=-1)  # [H, k]
+        position = torch.arange(self.idx.shape[1], 0, -1, device=self.idx.device)  # earlier slots rank higher
+        slots = (self.vacant * position).topk(k, dim=-1).indices  # [H, k]
+        take = self.vacant.gather(1, slots) & (top.values > -math.inf)
+        self.idx.scatter_(1, slots, torch.where(take, top.indices, self.idx.gather(1, slots)))
+        self.vacant.scatter_(1, slots, self.vacant.gather(1, slots) & ~take)
+        self.in_slot.scatter_(1, top.indices, self.in_slot.gather(1, top.indices) | take)
+        self.w.scatter_(1, slots, torch.where(take, w_new, self.w.gather(1, slots)))
+        new_columns = _design(self.E, top.indices, self.unbiasing)
+        columns = torch.where(take[:, None, :], new_columns, _columns(self.M, slots))
+        self._set_columns(slots, columns)
+
+    def _set_columns(self, slots: Tensor, columns: Tensor) -> None:
+        """M[:, :, slots] = columns ([H, k], [H, n, k]) and the matching rows/columns of G and entries of b."""
+        heads, n, t = self.M.shape
+        k = slots.shape[1]
+        self.M.scatter_(2, slots[:, None, :].expand(heads, n, k), columns)
+        cross = columns.mT @ self.M  # [H, k, t]
+        self.G.scatter_(1, slots[..., None].expand(heads, k, t), cross)
+        self.G.scatter_(2, slots[:, None, :].expand(heads, t, k), cross.mT)
+        self.b.scatter_(1, slots, (columns.mT @ self.mass[..., None])[..., 0])
+
+    def refit(self, w_lo: float, w_hi: float, active_set_iters: int) -> None:
+        w = _bounded_solve(self.G, self.b, w_lo, w_hi, active_set_iters=active_set_iters)
+        self.w = w.masked_fill(self.vacant, 0.0)
+
+    def fill(self, k_choice: int, refit_every: int, w_lo: float, w_hi: float, active_set_iters: int) -> None:
+        """Greedily fill every vacant slot. Refit (lstsq + clamp) every `refit_every` steps; the last refit
+        also runs up to `active_set_iters` active-set steps."""
+        step = 0
+        while self.vacant.any():
+            self.add(min(k_choice, int(self.vacant.sum(1).max())), w_lo)
+            step += 1
+            if not self.vacant.any():
+                self.refit(w_lo, w_hi, active_set_iters)
+            elif step % refit_every == 0:
+                self.refit(w_lo, w_hi, 0)
+
+    def drop(self, w_min: float) -> bool:
+        """Vacate slots whose weight fell below w_min and demote their keys for good. Returns whether any did."""
+        dropped = ~self.vacant & (self.w < w_min)  # [H, t]
+        if not dropped.any():
+            return False
+        keys = self.idx.masked_select(dropped)
+        heads = dropped.nonzero()[:, 0]
+        self.in_slot[heads, keys] = False
+        self.demoted[heads, keys] = True
+        self.vacant |= dropped
+        self.w.masked_fill_(dropped, 0.0)
+        self.M.masked_fill_(dropped[:, None, :], 0.0)
+        self.G.masked_fill_(dropped[:, None, :] | dropped[:, :, None], 0.0)
+        self.b.masked_fill_(dropped, 0.0)
+        return True
+
+
+def _pursue(E: Tensor, mass: Tensor, t: int, unbiasing: Tensor, k_choice: int, refit_every: int, beta_max: float,
+            drop_below: float | None, max_rounds: int, active_set_iters: int) -> tuple[Tensor, Tensor]:
+    """OMP selection on E [H, n, T]: (idx [H, t] sorted, weights [H, t] from the final bounded fit)."""
+    w_lo, w_hi = _weight_bounds(None, beta_max)
+    pursuit = _MassPursuit(E, mass, t, unbiasing)
+    pursuit.fill(k_choice, refit_every, w_lo, w_hi, active_set_iters)
+    for _ in range(max_rounds if drop_below is not None else 0):
+        if not pursuit.drop(math.exp(drop_below)):
+            break
+        pursuit.fill(k_choice, refit_every, w_lo, w_hi, active_set_iters)
+    idx, order = pursuit.idx.sort(-1)
+    return idx, pursuit.w.gather(1, order).float()
+
+
+# ----------------------------------------------------------------------------------------------------
+# public per-stage functions (each recomputes E for the heads it is given)
+
+def select_highest_attention(Q: Tensor, K: Tensor, t: int, scale: float, bias: Tensor | None = None,
+                             score: str = "rms") -> Tensor:
+    """The t keys with the highest RMS (or mean, max) softmax weight over the queries: idx [H, t], ascending."""
+    E, _ = shifted_exp(Q, K, scale, bias)
+    return _top_keys(_attention_scores(E, E.sum(-1), score), t)
+
+
+def select_omp(Q: Tensor, K: Tensor, t: int, scale: float, bias: Tensor | None = None, k_choice: int = 1,
+               refit_every: int = 1, beta_max: float = 7.0, drop_below: float | None = -7.0,
+               max_rounds: int = 3, active_set_iters: int = ACTIVE_SET_ITERS) -> Tensor:
+    """Greedy OMP on the exp-space mass residual (see `_MassPursuit`): idx [H, t], ascending."""
+    E, _ = shifted_exp(Q, K, scale, bias)
+    return _pursue(E, E.sum(-1), t, _unbiasing(K, bias), k_choice, refit_every, beta_max, drop_below, max_rounds,
+                   active_set_iters)[0]
+
+
+def fit_beta(Q: Tensor, K: Tensor, idx: Tensor, scale: float, bias: Tensor | None = None, lo: float | None = -3.0,
+             hi: float | None = 3.0, pgd_iters: int = 2, active_set_iters: int = ACTIVE_SET_ITERS) -> Tensor:
+    """β [H, t] for the keys K[idx]: bounded LS fit of the shifted mass with lo ≤ β ≤ hi
+    (lo None: w = exp(β) ≥ 1e-12; hi None: no upper bound)."""
+    E, _ = shifted_exp(Q, K, scale, bias)
+    unbiasing = _unbiasing(K, bias)
+    w = _fit_weights(E, E.sum(-1), idx, unbiasing, *_weight_bounds(lo, hi), pgd_iters, active_set_iters)
+    return _to_beta(w, unbiasing.gather(1, idx))
+
+
+def fit_values(Q: Tensor, K: Tensor, V: Tensor, idx: Tensor, beta: Tensor, scale: float, bias: Tensor | None = None,
+               ridge: float = 0.0) -> Tensor:
+    """Cv [H, t, dv] so that softmax(scale·Q K[idx]ᵀ + β) Cv matches softmax(S) V in least squares."""
+    out, _ = attend(Q, K, V, scale, bias)
+    return _fit_values(Q, _rows(K, idx), beta, scale, out, ridge)
+
+
+# ----------------------------------------------------------------------------------------------------
+# methods and the end-to-end entry point
+
+@dataclass(frozen=True)
+class Method:
+    """A compaction method: how keys are selected and whether β and Cv are fitted (AM) or kept (eviction)."""
+    selector: str  # "attention" | "omp" | "random" | "first" | "streaming"
+    fit: bool  # True: AM (fit β and Cv); False: eviction (β = original bias, Cv = V[idx])
+    score: str = "rms"  # attention selector
+    lo: float | None = -3.0  # β bounds of the attention selector's fit
+    hi: float | None = 3.0
+    pgd_iters: int = 2
+    active_set_iters: int = ACTIVE_SET_ITERS  # exact bounded LS in full β fits (0: lstsq + clamp, as the paper)
+    k_choice: int = 1  # OMP knobs
+    refit_every: int = 1
+    beta_max: float = 7.0
+    drop_below: float | None = -7.0
+    max_rounds: int = 3
+    ridge: float = 0.0  # value fit
+
+
+METHODS: dict[str, Method] = {
+    "hak": Method("attention", fit=True),
+    "omp": Method("omp", fit=True),
+    "omp-fast": Method("omp", fit=True, k_choice=4, refit_every=2),
+    "topk-evict": Method("attention", fit=False, score="mean"),
+    "random": Method("random", fit=False),
+    "first": Method("first", fit=False),
+    "streaming": Method("streaming", fit=False),
+}
+
+STAGES = ("reference", "selection", "beta", "values", "stats")
+
+
+@dataclass
+class CompactResult:
+    keys: Tensor  # [H, t, d], rows of K
+    beta: Tensor  # [H, t]
+    values: Tensor  # [H, t, dv]
+    idx: Tensor  # [H, t], ascending positions in K
+    output_error: Tensor  # [H], mean relative output error on the fitting queries
+    mass_error: Tensor  # [H], mean |mass ratio − 1| on the fitting queries
+    seconds: dict[str, float]  # wall time per stage (STAGES), summed over head chunks
+
+
+def _fixed_indices(selector: str, H: int, T: int, t: int, seed: int) -> Tensor | None:
+    """Indices of the selectors that never look at the data: [H, t] ascending, on the CPU (None for the others)."""
+    if selector == "random":
+        generator = torch.Generator().manual_seed(seed)
+        return _top_keys(torch.rand(H, T, generator=generator), t)
+    if selector == "first":
+        return torch.arange(t).expand(H, t)
+    if selector == "streaming":
+        sinks = min(SINKS, t)
+        return torch.cat([torch.arange(sinks), torch.arange(T - t + sinks, T)]).expand(H, t)
+    return None
+
+
+def _head_chunks(H: int, n: int, T: int, chunk_bytes: int) -> list[slice]:
+    size = max(1, chunk_bytes // (4 * n * T))
+    return [slice(start, min(start + size, H)) for start in range(0, H, size)]
+
+
+def _errors(out: Tensor, lse: Tensor, ref_out: Tensor, ref_lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean relative output error and mean |exp(lse − ref_lse) − 1| per head: ([H], [H])."""
+    tiny = torch.finfo(out.dtype).tiny
+    relative = (out - ref_out).norm(dim=-1) / ref_out.norm(dim=-1).clamp_min(tiny)  # [H, n]
+    return relative.mean(-1), (lse - ref_lse).exp().sub(1).abs().mean(-1)
+
+
+def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, t: int, scale: float, bias: Tensor | None, method: Method,
+                   fixed_idx: Tensor | None, seconds: dict[str, float]) -> tuple[Tensor, ...]:
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] += now - clock
+        clock = now
+
+    E, rowmax = shifted_exp(Q, K, scale, bias)  # [h, n, T], [h, n]
+    mass = E.sum(-1)  # [h, n]
+    ref_out, ref_lse = torch.bmm(E, V) / mass[..., None], rowmax + mass.log()
+    unbiasing = _unbiasing(K, bias)
+    lap("reference")
+
+    weights = None
+    if fixed_idx is not None:
+        idx = fixed_idx.to(K.device)
+    elif method.selector == "attention":
+        idx = _top_keys(_attention_scores(E, mass, method.score), t)
+    elif method.selector == "omp":
+        idx, weights = _pursue(E, mass, t, unbiasing, method.k_choice, method.refit_every, method.beta_max,
+                               method.drop_below, method.max_rounds, method.active_set_iters)
+    else:
+        raise ValueError(f"unknown selector {method.selector!r}")
+    keys = _rows(K, idx)
+    lap("selection")
+
+    if not method.fit:
+        beta = bias.gather(1, idx) if bias is not None else torch.zeros(idx.shape, device=K.device)
+    else:
+        if weights is None:
+            weights = _fit_weights(E, mass, idx, unbiasing, *_weight_bounds(method.lo, method.hi),
+                                   method.pgd_iters, method.active_set_iters)
+        beta = _to_beta(weights, unbiasing.gather(1, idx))
+    lap("beta")
+
+    values = _fit_values(Q, keys, beta, scale, ref_out, method.ridge) if method.fit else _rows(V, idx)
+    lap("values")
+
+    output_error, mass_error = _errors(*attend(Q, keys, values, scale, beta), ref_out, ref_lse)
+    lap("stats")
+    return keys, beta, values, idx, output_error, mass_error
+
+
+def compact(Q: Tensor, K: Tensor, V: Tensor, t: int, scale: float, bias: Tensor | None = None,
+            method: str = "hak", seed: int = 0, chunk_bytes: int = CHUNK_BYTES, **knobs) -> CompactResult:
+    """Compact K, V ([H, T, d], [H, T, dv]) to t slots per head with a named method (see METHODS);
+    `knobs` override the method's fields. Works in float32; heads are solved in memory-bounded chunks."""
+    H, T, _ = K.shape
+    if not 0 < t <= T:
+        raise ValueError(f"t must be in [1, {T}], got {t}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    config = dataclasses.replace(METHODS[method], **knobs)
+    Q, K, V = Q.float(), K.float(), V.float()
+    bias = bias.float() if bias is not None else None
+    fixed_idx = _fixed_indices(config.selector, H, T, t, seed)
+    seconds = dict.fromkeys(STAGES, 0.0)
+    parts = []
+    for heads in _head_chunks(H, Q.shape[1], T, chunk_bytes):
+        parts.append(_compact_chunk(Q[heads], K[heads], V[heads], t, scale, bias[heads] if bias is not None else None,
+                                    config, fixed_idx[heads] if fixed_idx is not None else None, seconds))
+    keys, beta, values, idx, output_error, mass_error = (torch.cat(tensors) for tensors in zip(*parts))
+    return CompactResult(keys, beta, values, idx, output_error, mass_error, seconds)
+
+
+def evaluate(Q: Tensor, K: Tensor, V: Tensor, bias: Tensor | None, keys: Tensor, beta: Tensor, values: Tensor,
+             scale: float, chunk_bytes: int = CHUNK_BYTES) -> tuple[Tensor, Tensor]:
+    """Errors of the compact block on (held-out) queries: (mean relative output error [H], mean mass error [H])."""
+    Q, K, V = Q.float(), K.float(), V.float()
+    parts = []
+    for heads in _head_chunks(K.shape[0], Q.shape[1], K.shape[1], chunk_bytes):
+        reference = attend(Q[heads], K[heads], V[heads], scale, bias[heads].float() if bias is not None else None)
+        compacted = attend(Q[heads], keys[heads].float(), values[heads].float(), scale, beta[heads].float())
+        parts.append(_errors(*compacted, *reference))
+    output_error, mass_error = (torch.cat(tensors) for tensors in zip(*parts))
+    return output_error, mass_error

@@ -1,0 +1,173 @@
+"""Compact a span of a live session's cache with a named method: one call, statistics back.
+
+Named methods mirror the paper (arXiv 2602.16284): `am-hak-fast` (repeat queries + highest-attention keys),
+`am-hak` and `am-omp(-fast)` (repeat + self-study queries), and eviction baselines built on the same
+machinery (β = 0 or the existing β, original values) so that comparisons are apples to apples.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from agentloop.compaction.queries import combine, repeat_queries, self_study_queries
+from agentloop.compaction.solver import compact
+
+QuerySources = tuple[tuple[str, float], ...]
+RECENT_WINDOW = 32  # tokens whose queries SnapKV-style selection observes
+
+
+@dataclass(frozen=True)
+class NamedMethod:
+    solver: str  # a key of solver.METHODS
+    queries: QuerySources  # (source, weight): repeat | selfstudy | context | recent
+    summary: str
+
+
+NAMED_METHODS: dict[str, NamedMethod] = {
+    "am-hak-fast": NamedMethod("hak", (("repeat", 1.0),), "repeat-prefill queries, highest-attention keys, β and values fit"),
+    "am-hak": NamedMethod("hak", (("repeat", 1.0), ("selfstudy", 1.0)), "repeat + self-study queries, highest-attention keys"),
+    "am-omp-fast": NamedMethod("omp-fast", (("repeat", 1.0), ("selfstudy", 1.0)), "OMP keys, 4 per step, refit every 2"),
+    "am-omp": NamedMethod("omp", (("repeat", 1.0), ("selfstudy", 1.0)), "OMP keys on the mass residual"),
+    "h2o": NamedMethod("topk-evict", (("context", 1.0),), "eviction: top mean attention from the span's own queries"),
+    "snapkv": NamedMethod("topk-evict", (("recent", 1.0),), "eviction: top attention from the newest 32 tokens' queries"),
+    "streaming": NamedMethod("streaming", (), "eviction: 4 sink slots and the newest slots"),
+    "random": NamedMethod("random", (), "eviction: random slots (seeded)"),
+}
+
+
+@dataclass
+class SpanStats:
+    method: str
+    start: int
+    end: int
+    kept: int  # slots per head after compaction
+    queries: int  # reference queries per KV head
+    seconds: dict[str, float]
+    output_error: torch.Tensor  # [layers, kv_heads] mean relative attention-output error on the fitting queries
+    mass_error: torch.Tensor  # [layers, kv_heads] mean |mass ratio - 1| on the fitting queries
+    bytes_before: int = 0
+    bytes_after: int = 0
+    layers: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"method": self.method, "span": [self.start, self.end], "kept": self.kept, "queries": self.queries,
+                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+                "output_error": round(float(self.output_error.mean()), 6),
+                "mass_error": round(float(self.mass_error.mean()), 6),
+                "seconds": {k: round(v, 4) for k, v in self.seconds.items()}}
+
+
+def target_slots(span_len: int, target: int | float) -> int:
+    """`target` as slots: an int is a slot count, a float in (0, 1] a fraction of the span."""
+    if isinstance(target, float):
+        if not 0 < target <= 1:
+            raise ValueError(f"a fractional target must be in (0, 1], got {target}")
+        return max(1, round(span_len * target))
+    if not 0 < target <= span_len:
+        raise ValueError(f"target must be between 1 and the span length {span_len}, got {target}")
+    return target
+
+
+def reference_queries(session, sources: QuerySources, context_ids: list[int] | None, max_queries: int | None,
+                      seed: int, memo: dict[str, dict] | None = None) -> dict[int, torch.Tensor]:
+    """Collect and mix the named query sources: {layer: [kv_heads, n, head_dim]}.
+
+    `memo` maps a source name to queries already collected for this context (filled as sources are run)."""
+    memo = {} if memo is None else memo
+    collected = []
+    for source, weight in sources:
+        if source in memo:
+            queries = memo[source]
+        elif source == "repeat":
+            queries = repeat_queries(session, context_ids if context_ids is not None else session.token_ids)
+        elif source == "selfstudy":
+            queries = self_study_queries(session, seed=seed)
+        elif source in ("context", "recent"):
+            if session.context_recorder is None:
+                raise ValueError(f"query source {source!r} needs the span's prefill queries: "
+                                 "feed the span with Session.feed(..., record=True)")
+            queries = session.context_recorder.queries(last=RECENT_WINDOW if source == "recent" else None)
+        else:
+            raise ValueError(f"unknown query source {source!r}")
+        memo[source] = queries
+        collected.append((queries, weight))
+    return combine(collected, max_queries, seed)
+
+
+@torch.inference_mode()
+def compact_span(session, start: int, end: int, target: int | float, method: str = "am-hak-fast",
+                 queries: dict[int, torch.Tensor] | None = None, context_ids: list[int] | None = None,
+                 max_queries: int | None = 4096, seed: int = 0, chunk: int | None = None, **knobs) -> SpanStats:
+    """Replace physical slots [start, end) of every compactable layer by a compacted block.
+
+    `queries` overrides the method's query sources; `context_ids` is the text repeat-prefill copies
+    (default: every token the session has seen); `chunk` compacts contiguous chunks of that many slots
+    independently (long spans); `knobs` override solver settings (e.g. lo/hi bounds of β)."""
+    if method not in NAMED_METHODS:
+        raise ValueError(f"unknown compaction method {method!r}; choose one of {', '.join(NAMED_METHODS)}")
+    named = NAMED_METHODS[method]
+    cache, layers = session.cache, session.cache.compactable
+    span_len = end - start
+    if not 0 <= start < end <= cache.physical_len:
+        raise ValueError(f"span [{start}, {end}) is outside the {cache.physical_len} slots held")
+    kept = target_slots(span_len, target)
+    bytes_before = cache.nbytes()
+
+    tic = time.perf_counter()
+    if queries is None and named.queries:
+        queries = reference_queries(session, named.queries, context_ids, max_queries, seed)
+    seconds = {"queries": time.perf_counter() - tic}
+
+    # every compactable layer stacked: [layers * kv_heads, T, d]; scale is the model's own (same for all layers)
+    keys = torch.cat([cache.layers[i].keys[0, :, start:end] for i in layers])
+    values = torch.cat([cache.layers[i].values[0, :, start:end] for i in layers])
+    beta = _stacked_beta(cache, layers, start, end)
+    if queries is not None:
+        Q = torch.cat([queries[i].to(keys.device) for i in layers])
+    else:  # query-free methods: the solver ignores queries except for statistics; use the keys themselves
+        Q = keys
+    scale = session.model.model.layers[layers[0]].self_attn.scaling
+
+    bounds = _chunks(span_len, chunk)
+    parts = []
+    for lo, hi in bounds:
+        t = max(1, round(kept * (hi - lo) / span_len)) if len(bounds) > 1 else kept
+        parts.append(compact(Q, keys[:, lo:hi], values[:, lo:hi], t, scale,
+                             bias=beta[:, lo:hi] if beta is not None else None, method=named.solver, seed=seed, **knobs))
+    new_keys = torch.cat([p.keys for p in parts], dim=1)  # [layers * kv_heads, t, d]
+    new_values = torch.cat([p.values for p in parts], dim=1)
+    new_beta = torch.cat([p.beta for p in parts], dim=1)  # [layers * kv_heads, t]
+    for stage in parts[0].seconds:
+        seconds[stage] = sum(p.seconds[stage] for p in parts)
+
+    heads = cache.kv_heads
+    for n, layer_idx in enumerate(layers):
+        rows = slice(n * heads, (n + 1) * heads)
+        cache.replace(layer_idx, start, end, new_keys[None, rows], new_values[None, rows], new_beta[None, rows])
+    output_error = torch.stack([p.output_error for p in parts]).mean(0).view(len(layers), heads)
+    mass_error = torch.stack([p.mass_error for p in parts]).mean(0).view(len(layers), heads)
+    seconds["total"] = time.perf_counter() - tic
+    return SpanStats(method=method, start=start, end=end, kept=new_keys.shape[1], queries=Q.shape[1],
+                     seconds=seconds, output_error=output_error, mass_error=mass_error,
+                     bytes_before=bytes_before, bytes_after=cache.nbytes(), layers=list(layers))
+
+
+def _stacked_beta(cache, layers: list[int], start: int, end: int) -> torch.Tensor | None:
+    """The existing β of the span, [layers * kv_heads, T], or None if no layer has any."""
+    if all(cache.beta(i) is None for i in layers):
+        return None
+    rows = []
+    for i in layers:
+        beta = cache.beta(i)
+        rows.append(beta[0, :, start:end].float() if beta is not None
+                    else torch.zeros(cache.kv_heads, end - start, device=cache.layers[i].keys.device))
+    return torch.cat(rows)
+
+
+def _chunks(length: int, chunk: int | None) -> list[tuple[int, int]]:
+    if not chunk or chunk >= length:
+        return [(0, length)]
+    return [(lo, min(lo + chunk, length)) for lo in range(0, length, chunk)]

@@ -1,0 +1,201 @@
+"""Attention Matching solver (agentloop.compaction.solver) on synthetic keys, values and queries."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from agentloop.compaction import compact, evaluate, fit_beta, fit_values, select_highest_attention, select_omp
+from agentloop.compaction.solver import shifted_exp
+
+D = 32
+SCALE = D ** -0.5
+AM_METHODS = ["hak", "omp", "omp-fast"]
+
+
+def gaussian(H: int, n: int, T: int, seed: int, query_scale: float = 2.0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    Q = query_scale * torch.randn(H, n, D, generator=g)
+    return Q, torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
+
+
+def structured(H: int, n: int, T: int, seed: int, rank: int = 6, logit_std: float = 2.0) -> tuple[torch.Tensor, ...]:
+    """Keys and queries mostly in a few shared directions of decaying strength; logits with std `logit_std`."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(H, D, rank, generator=g)).Q.mT * math.sqrt(D)  # [H, rank, D]
+    strength = 0.5 ** torch.arange(rank)
+    K = (torch.randn(H, T, rank, generator=g) * strength) @ basis + 0.1 * torch.randn(H, T, D, generator=g)
+    Q = torch.randn(H, n, rank, generator=g) @ basis + 0.1 * torch.randn(H, n, D, generator=g)
+    Q = Q * (logit_std / (SCALE * Q @ K.mT).std())
+    return Q, K, torch.randn(H, T, D, generator=g)
+
+
+def split(Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fitting queries and held-out queries: every other row."""
+    return Q[:, ::2], Q[:, 1::2]
+
+
+@pytest.mark.parametrize("method", AM_METHODS)
+def test_full_budget_reproduces_attention(method):
+    Q, K, V = gaussian(H=3, n=256, T=48, seed=0)
+    fit_queries, held_out = split(Q)
+    result = compact(fit_queries, K, V, t=48, scale=SCALE, method=method)
+    assert result.idx.tolist() == [list(range(48))] * 3
+    assert result.output_error.max() < 1e-4 and result.mass_error.max() < 1e-4
+    output_error, mass_error = evaluate(held_out, K, V, None, result.keys, result.beta, result.values, SCALE)
+    assert output_error.max() < 1e-4 and mass_error.max() < 1e-4
+
+
+def test_beta_respects_bounds():
+    # near-uniform attention over many keys: a few keys must carry a weight far above the upper bounds
+    Q, K, V = gaussian(H=2, n=64, T=2048, seed=1, query_scale=0.05)
+    hak = compact(Q, K, V, t=4, scale=SCALE, method="hak")
+    omp = compact(Q, K, V, t=1, scale=SCALE, method="omp")
+    assert hak.beta.max() == pytest.approx(3.0) and omp.beta.max() == pytest.approx(7.0)
+    Q, K, V = structured(H=4, n=256, T=256, seed=2, logit_std=4.0)  # peaked attention: some weights want to vanish
+    for method, lo, hi in [("hak", -3.0, 3.0), ("omp", math.log(1e-12), 7.0), ("omp-fast", math.log(1e-12), 7.0)]:
+        beta = compact(Q, K, V, t=32, scale=SCALE, method=method).beta
+        assert beta.min() >= lo - 1e-5 and beta.max() <= hi + 1e-5, method
+    assert compact(Q, K, V, t=32, scale=SCALE, method="hak").beta.min() == pytest.approx(-3.0)
+
+
+def test_fit_beta_is_a_bounded_least_squares_optimum():
+    """KKT conditions of min ||Mw − y||² on lo ≤ w ≤ hi: zero gradient inside, pointing outward at a bound."""
+    Q, K, _ = structured(H=4, n=256, T=256, seed=3, rank=3, logit_std=1.0)
+    idx = select_highest_attention(Q, K, 32, SCALE)
+    beta = fit_beta(Q, K, idx, SCALE, lo=-3.0, hi=3.0)
+    E, _ = shifted_exp(Q, K, SCALE)
+    M, y = E.gather(2, idx[:, None, :].expand(-1, E.shape[1], -1)).double(), E.sum(-1).double()
+    w = beta.double().exp()
+    grad = (M.mT @ (M @ w[..., None] - y[..., None]))[..., 0] / (y * y).sum(-1, keepdim=True)
+    at_lo, at_hi = beta <= -3.0 + 1e-5, beta >= 3.0 - 1e-5
+    assert at_lo.any() and at_hi.any() and (~at_lo & ~at_hi).any()
+    assert grad[~at_lo & ~at_hi].abs().max() < 1e-4
+    assert grad[at_lo].min() > -1e-4 and grad[at_hi].max() < 1e-4
+
+
+def duplicated(seed: int) -> tuple[torch.Tensor, ...]:
+    """12 distinct keys (with their values), key g repeated 1 + g % 4 times, positions shuffled."""
+    Q, K, V = gaussian(H=2, n=128, T=12, seed=seed)
+    copies = 1 + torch.arange(12) % 4
+    group = torch.repeat_interleave(torch.arange(12), copies)
+    group = group[torch.randperm(len(group), generator=torch.Generator().manual_seed(seed))]  # [T] -> distinct key
+    return Q, K[:, group], V[:, group], group, copies
+
+
+def test_duplicate_keys_omp_collapses_each_group_to_log_count():
+    Q, K, V, group, copies = duplicated(seed=4)
+    fit_queries, held_out = split(Q)
+    result = compact(fit_queries, K, V, t=12, scale=SCALE, method="omp")
+    chosen = group[result.idx]  # [H, 12] distinct key behind each slot
+    assert all(sorted(row) == list(range(12)) for row in chosen.tolist())
+    torch.testing.assert_close(result.beta, copies[chosen].float().log(), atol=1e-4, rtol=0)
+    output_error, mass_error = evaluate(held_out, K, V, None, result.keys, result.beta, result.values, SCALE)
+    assert output_error.max() < 1e-4 and mass_error.max() < 1e-4
+
+
+def test_duplicate_keys_hak_fit_gives_log_count():
+    # top-t by attention ties between copies of a key, so hak's selection cannot separate exact duplicates;
+    # its fits (β in [-3, 3] with 2 gradient steps, then values) are checked on one copy of each key.
+    Q, K, V, group, copies = duplicated(seed=5)
+    fit_queries, held_out = split(Q)
+    first_copy = torch.stack([(group == g).nonzero()[0, 0] for g in range(12)]).expand(2, 12)
+    beta = fit_beta(fit_queries, K, first_copy, SCALE, lo=-3.0, hi=3.0, pgd_iters=2)
+    torch.testing.assert_close(beta, copies.float().log().expand(2, 12), atol=1e-4, rtol=0)
+    values = fit_values(fit_queries, K, V, first_copy, beta, SCALE)
+    keys = K.gather(1, first_copy[..., None].expand(-1, -1, D))
+    output_error, mass_error = evaluate(held_out, K, V, None, keys, beta, values, SCALE)
+    assert output_error.max() < 1e-4 and mass_error.max() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["hak", "omp-fast", "topk-evict", "random", "streaming"])
+def test_same_seed_same_result(method):
+    Q, K, V = structured(H=3, n=128, T=128, seed=6)
+    first, second = (compact(Q, K, V, t=16, scale=SCALE, method=method, seed=7) for _ in range(2))
+    for name in ("keys", "beta", "values", "idx", "output_error", "mass_error"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
+
+
+def test_random_depends_on_seed_and_keeps_keys():
+    Q, K, V = structured(H=3, n=64, T=128, seed=8)
+    a, b = (compact(Q, K, V, t=16, scale=SCALE, method="random", seed=seed) for seed in (0, 1))
+    assert not torch.equal(a.idx, b.idx)
+    assert torch.equal(a.keys, K.gather(1, a.idx[..., None].expand(-1, -1, D)))
+    assert torch.equal(a.values, V.gather(1, a.idx[..., None].expand(-1, -1, D)))
+    assert torch.equal(a.beta, torch.zeros(3, 16))
+
+
+def test_fixed_position_baselines():
+    Q, K, V = structured(H=2, n=64, T=100, seed=9)
+    assert compact(Q, K, V, t=10, scale=SCALE, method="first").idx.tolist() == [list(range(10))] * 2
+    streaming = compact(Q, K, V, t=10, scale=SCALE, method="streaming").idx.tolist()
+    assert streaming == [[0, 1, 2, 3, 94, 95, 96, 97, 98, 99]] * 2
+
+
+@pytest.mark.parametrize("method", ["hak", "omp", "omp-fast"])
+def test_am_beats_topk_eviction_on_held_out_queries(method):
+    Q, K, V = structured(H=4, n=512, T=256, seed=10)
+    fit_queries, held_out = split(Q)
+    errors = {}
+    for name in (method, "topk-evict"):
+        result = compact(fit_queries, K, V, t=32, scale=SCALE, method=name)  # 8x
+        errors[name] = evaluate(held_out, K, V, None, result.keys, result.beta, result.values, SCALE)
+    am_output, am_mass = errors[method]
+    evict_output, evict_mass = errors["topk-evict"]
+    assert (am_output < 0.5 * evict_output).all()
+    if method != "hak":  # OMP picks keys for the mass fit; top-RMS keys leave some queries' mass uncovered
+        assert (am_mass < 0.2 * evict_mass).all()
+
+
+@pytest.mark.parametrize("method", ["hak", "omp"])
+def test_existing_bias_is_reproduced_at_full_budget(method):
+    Q, K, V = gaussian(H=2, n=256, T=40, seed=11)
+    bias = torch.zeros(2, 40)
+    bias[:, 5:15] = math.log(2.0)  # slots of an earlier compaction
+    bias[1, 30:33] = -math.inf  # padding slots of a shorter head
+    fit_queries, held_out = split(Q)
+    result = compact(fit_queries, K, V, t=40, scale=SCALE, bias=bias, method=method)
+    assert torch.equal(result.beta.isinf(), bias.isinf())
+    finite = bias.isfinite()
+    torch.testing.assert_close(result.beta[finite], bias[finite], atol=1e-4, rtol=0)
+    output_error, mass_error = evaluate(held_out, K, V, bias, result.keys, result.beta, result.values, SCALE)
+    assert output_error.max() < 1e-4 and mass_error.max() < 1e-4
+    unbiased_error, _ = evaluate(held_out, K, V, None, result.keys, result.beta, result.values, SCALE)
+    assert unbiased_error.min() > 1e-2  # the bias matters, so the check above is not vacuous
+
+
+def test_padding_keys_are_picked_last():
+    Q, K, V = structured(H=2, n=128, T=64, seed=12)
+    bias = torch.zeros(2, 64)
+    bias[:, :16] = -math.inf
+    for idx in (select_omp(Q, K, 48, SCALE, bias=bias), select_highest_attention(Q, K, 48, SCALE, bias=bias)):
+        assert idx.min() >= 16
+
+
+@pytest.mark.parametrize("method", ["hak", "omp-fast"])
+def test_heads_are_independent_of_batching(method):
+    Q, K, V = structured(H=4, n=128, T=128, seed=13)
+    together = compact(Q, K, V, t=16, scale=SCALE, method=method)
+    one_by_one = compact(Q, K, V, t=16, scale=SCALE, method=method, chunk_bytes=1)  # one head per chunk
+    assert torch.equal(together.idx, one_by_one.idx)
+    for name in ("beta", "values", "output_error"):
+        torch.testing.assert_close(getattr(together, name), getattr(one_by_one, name), atol=1e-4, rtol=1e-4)
+    alone = compact(Q[2:3], K[2:3], V[2:3], t=16, scale=SCALE, method=method)
+    assert torch.equal(together.idx[2:3], alone.idx)
+
+
+def test_selection_scores_and_unknown_names():
+    Q, K, V = structured(H=2, n=64, T=64, seed=14)
+    for score in ("rms", "mean", "max"):
+        idx = select_highest_attention(Q, K, 8, SCALE, score=score)
+        assert (idx.diff(dim=-1) > 0).all()
+    with pytest.raises(ValueError):
+        select_highest_attention(Q, K, 8, SCALE, score="median")
+    with pytest.raises(ValueError):
+        compact(Q, K, V, t=8, scale=SCALE, method="nope")
+    with pytest.raises(ValueError):
+        compact(Q, K, V, t=65, scale=SCALE)
+    with pytest.raises(TypeError):
+        compact(Q, K, V, t=8, scale=SCALE, method="hak", no_such_knob=1)
