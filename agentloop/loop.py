@@ -154,6 +154,14 @@ class Session:
                               details=details)
         return False
 
+    def fork(self) -> "Session":
+        """A new session over a copy of this cache and history (same model, cap and policy): try a branch."""
+        other = Session.__new__(Session)
+        other.__dict__.update(self.__dict__)
+        other.cache = self.cache.copy()
+        other.token_ids = list(self.token_ids)
+        return other
+
     def probe(self, ids: list[int], generate: int = 0, seed: int = 0) -> dict[int, torch.Tensor]:
         """Run `ids` (then `generate` sampled tokens) on top of the cache, recording the queries of every
         compactable layer, then roll the cache back. Returns {layer: [kv_heads, n, head_dim]}."""

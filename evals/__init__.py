@@ -10,6 +10,8 @@ from pathlib import Path
 EVALS: dict[str, tuple[str, str]] = {
     "decode-speed": ("agentloop.evals.decode_speed", "tok/s of the capped loop vs HF generate on the default model"),
     "fidelity": ("agentloop.evals.fidelity", "held-out attention error of every compaction method vs ratio"),
+    "passkey": ("agentloop.evals.passkey", "passkey retrieval after one-shot compaction, per method and ratio"),
+    "compaction-speed": ("agentloop.evals.compaction_speed", "seconds and GFLOP/s per stage of am-hak-fast, by span length"),
 }
 
 

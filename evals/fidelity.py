@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
@@ -22,10 +21,12 @@ QUESTIONS = (
 DEFAULT_METHODS = ("am-hak-fast", "am-hak", "am-omp-fast", "am-omp", "h2o", "snapkv", "streaming", "random")
 
 
-def held_out_queries(session, tokenizer) -> dict[int, torch.Tensor]:
+def held_out_queries(session, tokenizer, answer_tokens: int = 32) -> dict[int, torch.Tensor]:
+    """Queries of three questions about the text and of the model's answers to them (uncompacted cache)."""
     from agentloop.compaction.queries import combine, turn_ids
 
-    return combine([(session.probe(turn_ids(tokenizer, q)), 1.0) for q in QUESTIONS], budget=None, seed=0)
+    probes = [session.probe(turn_ids(tokenizer, q), generate=answer_tokens, seed=1000 + k) for k, q in enumerate(QUESTIONS)]
+    return combine([(p, 1.0) for p in probes], budget=None, seed=0)
 
 
 def stacked(cache, layers, name):
@@ -35,7 +36,7 @@ def stacked(cache, layers, name):
 def run(args) -> dict:
     from agentloop import Session, load_model
     from agentloop.compaction.solver import evaluate
-    from agentloop.compaction.span import NAMED_METHODS, compact_span, reference_queries
+    from agentloop.compaction.span import compact_span
     from agentloop.evals.text import prose_ids
 
     loaded = load_model(args.model)
@@ -53,20 +54,17 @@ def run(args) -> dict:
         Qh = torch.cat([held[i] for i in layers])
         memo: dict[str, dict] = {}
         for method in args.methods:
-            named = NAMED_METHODS[method]
-            tic = time.perf_counter()
-            queries = reference_queries(session, named.queries, None, args.max_queries, args.seed, memo) if named.queries else None
-            query_seconds = time.perf_counter() - tic
             for ratio in args.ratios:
                 session.cache = original.copy()
-                stats = compact_span(session, 0, len(ids), 1.0 / ratio, method=method, queries=queries, seed=args.seed)
+                stats = compact_span(session, 0, len(ids), 1.0 / ratio, method=method, memo=memo,
+                                     max_queries=args.max_queries, seed=args.seed)
                 Kc, Vc = stacked(session.cache, layers, "keys"), stacked(session.cache, layers, "values")
                 Bc = torch.cat([session.cache.beta(i)[0] for i in layers])
                 output_error, mass_error = evaluate(Qh, K, V, None, Kc, Bc, Vc, scale)
                 row = {"context": c, "method": method, "ratio": ratio, "kept": stats.kept,
                        "held_out_output_error": float(output_error.mean()), "held_out_mass_error": float(mass_error.mean()),
                        "fit_output_error": float(stats.output_error.mean()),
-                       "seconds": {**{k: round(v, 3) for k, v in stats.seconds.items()}, "queries": round(query_seconds, 3)}}
+                       "queries": stats.queries, "seconds": {k: round(v, 3) for k, v in stats.seconds.items()}}
                 rows.append(row)
                 print(f"context {c} {method:12s} {ratio:3d}x  held-out output error {row['held_out_output_error']:.4f}"
                       f"  mass error {row['held_out_mass_error']:.4f}  ({stats.seconds['total']:.1f}s)", flush=True)
@@ -89,7 +87,8 @@ def markdown(summary, args, command) -> str:
     lines = [f"# Compaction fidelity on {args.model}: held-out attention error vs compaction ratio", "",
              f"{args.contexts} contexts of {args.tokens} tokens of real prose (Paul Graham essays); the whole span is "
              f"compacted one-shot. Fitting queries: each method's own sources, at most {args.max_queries} per KV head. "
-             "Errors on held-out queries (three questions about the text, never used for fitting), mean over "
+             "Errors on held-out queries (three questions about the text and the model's 32-token answers to them, "
+             "never used for fitting), mean over "
              "layers, KV heads, queries and contexts. Output error = ||o_c − o|| / ||o||; mass error = |m_c / m − 1|.", "",
              "## Relative attention-output error (lower is better)", "",
              "| method | " + " | ".join(f"{r}x" for r in args.ratios) + " |",

@@ -76,12 +76,28 @@ def subsample(queries: dict[int, torch.Tensor], max_per_head: int | None, seed: 
     return {i: q[:, rows.to(q.device)] for i, q in queries.items()}
 
 
-def combine(sources: list[tuple[dict[int, torch.Tensor], float]], budget: int | None, seed: int) -> dict[int, torch.Tensor]:
-    """Mix sources with weights: each gets `weight * budget` rows per KV head (all of them if budget is None)."""
+def combine(sources: list[tuple[dict[int, torch.Tensor], float]], budget: int | None, seed: int,
+            floor: int = 0) -> dict[int, torch.Tensor]:
+    """Mix sources in proportion to their weights, at most `budget` rows per KV head in all.
+
+    If a source has fewer rows than its share, every share shrinks by the same factor, so the mix keeps
+    its proportions; if that leaves fewer than `floor` rows, the other sources' spare rows top it up
+    (a least-squares fit of t slots needs comfortably more than t queries)."""
+    sources = [(q, w) for q, w in sources if q]
+    if not sources:
+        return {}
     total = sum(w for _, w in sources)
-    parts = [subsample(q, None if budget is None else max(1, int(budget * w / total)), seed + k)
-             for k, (q, w) in enumerate(sources) if q]
-    layers = set.intersection(*(set(p) for p in parts)) if parts else set()
+    available = [min(x.shape[1] for x in q.values()) for q, _ in sources]
+    wanted = [(budget if budget is not None else sum(available)) * w / total for _, w in sources]
+    factor = min(1.0, *(a / w for a, w in zip(available, wanted)))
+    take = [max(1, int(w * factor)) for w in wanted]
+    short = min(floor, budget or floor, sum(available)) - sum(take)
+    for k in range(len(take)):  # top up to the floor from the sources that have rows left
+        extra = max(0, min(short, available[k] - take[k]))
+        take[k] += extra
+        short -= extra
+    parts = [subsample(q, n, seed + k) for k, ((q, _), n) in enumerate(zip(sources, take))]
+    layers = set.intersection(*(set(p) for p in parts))
     return {i: torch.cat([p[i] for p in parts], dim=1) for i in sorted(layers)}
 
 

@@ -342,6 +342,7 @@ class Method:
     selector: str  # "attention" | "omp" | "random" | "first" | "streaming"
     fit: bool  # True: AM (fit β and Cv); False: eviction (β = original bias, Cv = V[idx])
     score: str = "rms"  # attention selector
+    pool: int = 0  # attention selector: max-pool scores over this many neighbouring positions (SnapKV uses 7)
     lo: float | None = -3.0  # β bounds of the attention selector's fit
     hi: float | None = 3.0
     pgd_iters: int = 2
@@ -355,10 +356,11 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "hak": Method("attention", fit=True),
+    "hak": Method("attention", fit=True, active_set_iters=0),  # lstsq + clamp + 2 PGD steps, as the paper
     "omp": Method("omp", fit=True),
     "omp-fast": Method("omp", fit=True, k_choice=4, refit_every=2),
     "topk-evict": Method("attention", fit=False, score="mean"),
+    "snapkv-evict": Method("attention", fit=False, score="mean", pool=7),
     "random": Method("random", fit=False),
     "first": Method("first", fit=False),
     "streaming": Method("streaming", fit=False),
@@ -423,7 +425,10 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, t: int, scale: float, bias: 
     if fixed_idx is not None:
         idx = fixed_idx.to(K.device)
     elif method.selector == "attention":
-        idx = _top_keys(_attention_scores(E, mass, method.score), t)
+        scores = _attention_scores(E, mass, method.score)  # [h, T]
+        if method.pool > 1:  # neighbours of a strong key count as strong: [h, 1, T] -> [h, T]
+            scores = torch.nn.functional.max_pool1d(scores[:, None], method.pool, stride=1, padding=method.pool // 2)[:, 0]
+        idx = _top_keys(scores, t)
     elif method.selector == "omp":
         idx, weights = _pursue(E, mass, t, unbiasing, method.k_choice, method.refit_every, method.beta_max,
                                method.drop_below, method.max_rounds, method.active_set_iters)

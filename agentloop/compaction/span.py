@@ -16,7 +16,9 @@ from agentloop.compaction.queries import combine, repeat_queries, self_study_que
 from agentloop.compaction.solver import compact
 
 QuerySources = tuple[tuple[str, float], ...]
-RECENT_WINDOW = 32  # tokens whose queries SnapKV-style selection observes
+RECENT_WINDOW = 32  # tokens whose queries the `recent` source keeps
+QUERIES_PER_SLOT = 2  # the query mix is topped up to at least this many rows per kept slot
+SS_PLUS_REPEAT: QuerySources = (("repeat", 1.0), ("selfstudy", 4.0))  # the paper's mix: repeat is 1 of 5 specs
 
 
 @dataclass(frozen=True)
@@ -28,11 +30,12 @@ class NamedMethod:
 
 NAMED_METHODS: dict[str, NamedMethod] = {
     "am-hak-fast": NamedMethod("hak", (("repeat", 1.0),), "repeat-prefill queries, highest-attention keys, β and values fit"),
-    "am-hak": NamedMethod("hak", (("repeat", 1.0), ("selfstudy", 1.0)), "repeat + self-study queries, highest-attention keys"),
-    "am-omp-fast": NamedMethod("omp-fast", (("repeat", 1.0), ("selfstudy", 1.0)), "OMP keys, 4 per step, refit every 2"),
-    "am-omp": NamedMethod("omp", (("repeat", 1.0), ("selfstudy", 1.0)), "OMP keys on the mass residual"),
+    "am-hak": NamedMethod("hak", SS_PLUS_REPEAT, "self-study + repeat queries, highest-attention keys"),
+    "am-omp-fast": NamedMethod("omp-fast", SS_PLUS_REPEAT, "self-study + repeat queries, OMP keys 4 per step"),
+    "am-omp": NamedMethod("omp", SS_PLUS_REPEAT, "self-study + repeat queries, OMP keys on the mass residual"),
     "h2o": NamedMethod("topk-evict", (("context", 1.0),), "eviction: top mean attention from the span's own queries"),
-    "snapkv": NamedMethod("topk-evict", (("recent", 1.0),), "eviction: top attention from the newest 32 tokens' queries"),
+    "snapkv": NamedMethod("snapkv-evict", (("selfstudy", 1.0),),
+                          "eviction: top attention (max-pooled over 7 positions) from self-study question queries"),
     "streaming": NamedMethod("streaming", (), "eviction: 4 sink slots and the newest slots"),
     "random": NamedMethod("random", (), "eviction: random slots (seeded)"),
 }
@@ -72,7 +75,7 @@ def target_slots(span_len: int, target: int | float) -> int:
 
 
 def reference_queries(session, sources: QuerySources, context_ids: list[int] | None, max_queries: int | None,
-                      seed: int, memo: dict[str, dict] | None = None) -> dict[int, torch.Tensor]:
+                      seed: int, memo: dict[str, dict] | None = None, min_rows: int = 0) -> dict[int, torch.Tensor]:
     """Collect and mix the named query sources: {layer: [kv_heads, n, head_dim]}.
 
     `memo` maps a source name to queries already collected for this context (filled as sources are run)."""
@@ -94,16 +97,19 @@ def reference_queries(session, sources: QuerySources, context_ids: list[int] | N
             raise ValueError(f"unknown query source {source!r}")
         memo[source] = queries
         collected.append((queries, weight))
-    return combine(collected, max_queries, seed)
+    return combine(collected, max_queries, seed, floor=min_rows)
 
 
 @torch.inference_mode()
 def compact_span(session, start: int, end: int, target: int | float, method: str = "am-hak-fast",
-                 queries: dict[int, torch.Tensor] | None = None, context_ids: list[int] | None = None,
-                 max_queries: int | None = 4096, seed: int = 0, chunk: int | None = None, **knobs) -> SpanStats:
+                 queries: dict[int, torch.Tensor] | None = None, sources: QuerySources | None = None,
+                 context_ids: list[int] | None = None,
+                 max_queries: int | None = 4096, seed: int = 0, chunk: int | None = None,
+                 memo: dict[str, dict] | None = None, **knobs) -> SpanStats:
     """Replace physical slots [start, end) of every compactable layer by a compacted block.
 
-    `queries` overrides the method's query sources; `context_ids` is the text repeat-prefill copies
+    `queries` (ready-made) or `sources` ((name, weight) pairs) override the method's query sources; `memo`
+    reuses sources already collected for this context (several compactions of one context); `context_ids` is the text repeat-prefill copies
     (default: every token the session has seen); `chunk` compacts contiguous chunks of that many slots
     independently (long spans); `knobs` override solver settings (e.g. lo/hi bounds of β)."""
     if method not in NAMED_METHODS:
@@ -117,8 +123,9 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     bytes_before = cache.nbytes()
 
     tic = time.perf_counter()
-    if queries is None and named.queries:
-        queries = reference_queries(session, named.queries, context_ids, max_queries, seed)
+    sources = named.queries if sources is None else sources
+    if queries is None and sources:
+        queries = reference_queries(session, sources, context_ids, max_queries, seed, memo, min_rows=QUERIES_PER_SLOT * kept)
     seconds = {"queries": time.perf_counter() - tic}
 
     # every compactable layer stacked: [layers * kv_heads, T, d]; scale is the model's own (same for all layers)

@@ -1,0 +1,157 @@
+"""Passkey retrieval after one-shot compaction of the context, per method and ratio, next to the full cache.
+
+Each trial hides a short secret phrase at a random depth of 1k-3k tokens of real prose (Paul Graham essays)
+inside a user turn that ends with a question about it. The context span alone is compacted (the chat
+template around it stays verbatim), then the question is prefilled and the model answers greedily.
+A trial is correct when the answer contains the phrase's number and words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import re
+import time
+
+COLORS = ("red", "blue", "green", "golden", "silver", "purple", "orange", "black", "white", "amber")
+ANIMALS = ("falcon", "otter", "tiger", "heron", "badger", "dolphin", "lynx", "raven", "bison", "gecko")
+NEEDLE = " The secret passphrase is {phrase}. Remember the secret passphrase: {phrase}. "
+QUESTION = "What is the secret passphrase hidden in the text above?"
+ANSWER_PREFIX = 'Sure! The secret passphrase is "'  # prefilled as the start of the answer, so the model states the phrase
+DEFAULT_METHODS = ("am-hak-fast", "am-hak", "am-omp-fast", "am-omp", "h2o", "snapkv", "streaming", "random")
+
+
+def make_trial(tokenizer, rng: random.Random, min_tokens: int, max_tokens: int):
+    """(prefix ids, context ids, suffix ids, phrase) for one trial."""
+    from agentloop.evals.text import prose_ids
+
+    phrase = f"{rng.choice(COLORS)} {rng.choice(ANIMALS)} {rng.randint(1000, 9999)}"
+    haystack = tokenizer.decode(prose_ids(tokenizer, rng.randint(min_tokens, max_tokens), start_essay=rng.randrange(49)))
+    cut = int(rng.random() * len(haystack))
+    boundary = haystack.rfind(". ", 0, cut)  # hide the needle between two sentences
+    boundary = boundary + 1 if boundary >= 0 else 0
+    context = haystack[:boundary] + NEEDLE.format(phrase=phrase) + haystack[boundary:].lstrip()
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "@@CONTEXT@@\n\n" + QUESTION}],
+                                             tokenize=False, add_generation_prompt=True)
+    before, after = rendered.split("@@CONTEXT@@")
+    encode = lambda text: [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]  # noqa: E731
+    return encode(before), encode(context), encode(after + ANSWER_PREFIX), phrase
+
+
+def correct(answer: str, phrase: str) -> bool:
+    words = re.findall(r"[a-z0-9]+", answer.lower())
+    return all(part in words for part in phrase.lower().split())
+
+
+def answer(session, suffix: list[int], max_new_tokens: int) -> str:
+    from agentloop import GenerationSettings
+
+    for _ in session.feed(suffix):
+        pass
+    events = list(session.generate(GenerationSettings(max_new_tokens=max_new_tokens)))
+    return events[-1].text
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 0.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agentloop eval passkey", description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--min-tokens", type=int, default=1000)
+    parser.add_argument("--max-tokens", type=int, default=3000)
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    parser.add_argument("--ratios", nargs="+", type=int, default=[2, 5, 10, 20, 50])
+    parser.add_argument("--max-queries", type=int, default=4096)
+    parser.add_argument("--answer-tokens", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+
+    from agentloop import Session, load_model
+    from agentloop.cli import _quiet_transformers
+    from agentloop.compaction.span import compact_span
+    from agentloop.evals import results_dir, write_results
+
+    _quiet_transformers()
+    loaded = load_model(args.model)
+    rng = random.Random(args.seed)
+    records = []
+    for trial in range(args.trials):
+        tic = time.perf_counter()
+        prefix, context, suffix, phrase = make_trial(loaded.tokenizer, rng, args.min_tokens, args.max_tokens)
+        base = Session(loaded)
+        for _ in base.feed(prefix + context, record=True):
+            pass
+        start, end = len(prefix), len(prefix) + len(context)
+        full = answer(base.fork(), suffix, args.answer_tokens)
+        records.append({"trial": trial, "method": "full", "ratio": 1, "tokens": len(context), "phrase": phrase,
+                        "answer": full, "correct": correct(full, phrase)})
+        memo: dict[str, dict] = {}
+        for method in args.methods:
+            for ratio in args.ratios:
+                session = base.fork()
+                compact_span(session, start, end, 1.0 / ratio, method=method, context_ids=context, memo=memo,
+                             max_queries=args.max_queries, seed=args.seed + trial)
+                text = answer(session, suffix, args.answer_tokens)
+                records.append({"trial": trial, "method": method, "ratio": ratio, "tokens": len(context),
+                                "phrase": phrase, "answer": text, "correct": correct(text, phrase)})
+        done = [r for r in records if r["trial"] == trial]
+        print(f"trial {trial}: {len(context)} tokens, full {'ok' if done[0]['correct'] else 'miss'}, "
+              f"compacted {sum(r['correct'] for r in done[1:])}/{len(done) - 1} ok ({time.perf_counter() - tic:.0f}s)",
+              flush=True)
+
+    summary = {}
+    for method in ["full", *args.methods]:
+        for ratio in ([1] if method == "full" else args.ratios):
+            sel = [r for r in records if r["method"] == method and r["ratio"] == ratio]
+            k = sum(r["correct"] for r in sel)
+            summary.setdefault(method, {})[str(ratio)] = {"accuracy": k / len(sel), "n": len(sel),
+                                                          "ci95": wilson(k, len(sel))}
+    full_acc = summary["full"]["1"]["accuracy"]
+    lines = [f"# Passkey retrieval after one-shot compaction ({args.model})", "",
+             f"{args.trials} trials; a secret phrase (colour animal number) at a random depth of "
+             f"{args.min_tokens}-{args.max_tokens} tokens of prose; the context span is compacted, then the question is "
+             f"asked. Uncompacted cache: **{full_acc:.0%}**. Accuracy per method and ratio:", "",
+             "| method | " + " | ".join(f"{r}x" for r in args.ratios) + " |", "|---|" + "---|" * len(args.ratios)]
+    for method in args.methods:
+        lines.append(f"| {method} | " + " | ".join(f"{summary[method][str(r)]['accuracy']:.0%}" for r in args.ratios) + " |")
+    command = ("agentloop eval passkey " + " ".join(argv or [])).strip()
+    lines += ["", f"95% Wilson intervals and every answer are in passkey.json. Reproduce: `{command}`"]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        write_results("passkey", {"benchmark": "passkey", "config": vars(args), "summary": summary,
+                                  "records": records, "command": command}, text)
+        _plot(summary, args.methods, args.ratios, full_acc, results_dir() / "passkey.png")
+    return 0
+
+
+def _plot(summary, methods, ratios, full_acc, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.axhline(full_acc, color="black", lw=1, label="uncompacted")
+    for m in methods:
+        style = "-o" if m.startswith("am-") else "--s"
+        ax.plot(ratios, [summary[m][str(r)]["accuracy"] for r in ratios], style, label=m)
+    ax.set_xscale("log")
+    ax.set_xticks(ratios, [f"{r}x" for r in ratios])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("compaction ratio")
+    ax.set_ylabel("passkey accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,60 @@
+"""Compacting a span of a live session: sizes, bytes, β bounds, logits, and re-compaction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agentloop import GenerationSettings, Session
+from agentloop.compaction.span import compact_span
+from test_loop import _continue, _prompt
+
+
+def _session(model, n=48):
+    session = Session(model)
+    list(session.feed(_prompt(n), record=True))
+    return session
+
+
+def test_full_size_compaction_keeps_the_logits(tiny_llama):
+    plain, compacted = _session(tiny_llama), _session(tiny_llama)
+    stats = compact_span(compacted, 0, 48, 48, method="am-hak-fast")
+    assert stats.kept == 48 and compacted.cache.physical_len == 48
+    assert float(stats.output_error.max()) < 1e-3
+    assert (_continue(plain, 10) - _continue(compacted, 10)).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("method", ["am-hak-fast", "h2o", "streaming", "random"])
+def test_halving_shrinks_slots_and_bytes(tiny_llama, method):
+    session = _session(tiny_llama)
+    before = session.cache.nbytes()
+    stats = compact_span(session, 4, 44, 0.5, method=method)
+    assert session.cache.physical_len == 4 + 20 + 4 and session.cache.logical_len == 48
+    assert stats.bytes_after < before and stats.bytes_after == session.cache.nbytes()
+    beta = torch.cat([session.cache.beta(i)[0, :, 4:24] for i in session.cache.compactable])
+    if method.startswith("am-"):
+        assert beta.min() >= -3 - 1e-4 and beta.max() <= 3 + 1e-4
+    else:
+        assert torch.all(beta == 0)
+    # slots outside the span keep β = 0 and decoding continues
+    assert torch.all(session.cache.beta(session.cache.compactable[0])[0, :, :4] == 0)
+    events = list(session.generate(GenerationSettings(max_new_tokens=5, ignore_eos=True)))
+    assert events[-1].new_tokens == 5
+
+
+def test_recompaction_uses_existing_beta(tiny_llama):
+    session = _session(tiny_llama, 64)
+    compact_span(session, 0, 64, 0.5, method="am-hak-fast")
+    first = [session.cache.beta(i).clone() for i in session.cache.compactable]
+    assert any(b.abs().max() > 0 for b in first)
+    stats = compact_span(session, 0, 32, 0.5, method="am-hak-fast", context_ids=session.token_ids)
+    assert session.cache.physical_len == 16 and stats.kept == 16
+    assert float(stats.output_error.mean()) < 0.5
+
+
+def test_unknown_method_and_bad_span(tiny_llama):
+    session = _session(tiny_llama)
+    with pytest.raises(ValueError, match="unknown compaction method"):
+        compact_span(session, 0, 10, 0.5, method="magic")
+    with pytest.raises(ValueError, match="outside"):
+        compact_span(session, 0, 100, 0.5)
