@@ -62,9 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             seconds = {k: v for k, v in stats.seconds.items() if k not in ("queries", "total")}
             seconds = {"queries": query_seconds, **seconds}
             flops = stage_flops(config, length, stats.kept, stats.queries, heads)
-            # repeat-prefill: one forward of ~length tokens; ~2 FLOPs per parameter per token plus attention
-            params = sum(p.numel() for p in loaded.model.parameters())
-            flops["queries"] = 2 * params * length
+            # repeat-prefill: ~length tokens through the non-embedding weights (2 FLOPs per weight per token),
+            # plus attention of each new token over the cache and the copy (4·d_model per key per layer)
+            embedding = loaded.model.get_input_embeddings().weight.numel()
+            params = sum(p.numel() for p in loaded.model.parameters()) - embedding
+            attention = 4 * config.hidden_size * config.num_hidden_layers * length * (1.5 * length)
+            flops["queries"] = 2 * params * length + attention
             row = {"tokens": length, "ratio": ratio, "kept": stats.kept, "queries_per_head": stats.queries,
                    "seconds": {k: round(v, 3) for k, v in seconds.items()},
                    "total_seconds": round(sum(seconds.values()), 3),

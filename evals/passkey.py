@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _plot(summary, methods, ratios, full_acc, path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -148,6 +149,7 @@ def _plot(summary, methods, ratios, full_acc, path) -> None:
         ax.plot(ratios, [summary[m][str(r)]["accuracy"] for r in ratios], style, label=m)
     ax.set_xscale("log")
     ax.set_xticks(ratios, [f"{r}x" for r in ratios])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("compaction ratio")
     ax.set_ylabel("passkey accuracy")
