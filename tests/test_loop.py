@@ -194,3 +194,14 @@ def test_sampling_is_seeded(tiny_llama):
         return session.token_ids
     assert sample_run(1) == sample_run(1)
     assert sample_run(1) != sample_run(2)
+
+
+def test_fork_is_an_independent_branch(tiny_llama):
+    session = Session(tiny_llama)
+    list(session.feed(_prompt(30)))
+    branch = session.fork()
+    for i in branch.cache.compactable:
+        branch.cache.keep(i, torch.arange(10))
+    assert session.cache.physical_len == 30 and branch.cache.physical_len == 10
+    same = session.fork()
+    assert (_continue(session, 10) - _continue(same, 10)).abs().max() == 0
