@@ -18,6 +18,13 @@ def _prompt(n: int, seed: int = 1, vocab: int = 512) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def _fed(model, prompt: list[int], record: bool = False) -> Session:
+    """A fresh session that has prefilled `prompt`."""
+    session = Session(model)
+    list(session.feed(prompt, record=record))
+    return session
+
+
 def _run(session: Session, prompt: list[int], steps: int, settings: GenerationSettings | None = None):
     """Feed, decode, and return the fp32 logits seen before each sampled token, plus the events."""
     events = list(session.feed(prompt))
@@ -73,10 +80,8 @@ def _continue(session: Session, steps: int = 20) -> torch.Tensor:
 
 def test_replacing_a_span_with_itself_and_zero_beta_changes_nothing(tiny):
     prompt = _prompt(30)
-    plain = Session(tiny)
-    list(plain.feed(prompt))
-    replaced = Session(tiny)
-    list(replaced.feed(prompt))
+    plain = _fed(tiny, prompt)
+    replaced = _fed(tiny, prompt)
     for i, (keys, values) in _spans_of(replaced, 5, 25).items():
         replaced.cache.replace(i, 5, 25, keys, values, beta=torch.zeros(keys.shape[:-1]))
         assert replaced.cache.beta(i) is not None  # the β path really runs
@@ -86,10 +91,8 @@ def test_replacing_a_span_with_itself_and_zero_beta_changes_nothing(tiny):
 @pytest.mark.parametrize("copies", [2, 5])
 def test_k_duplicate_keys_equal_one_key_with_beta_log_k(tiny, copies):
     prompt = _prompt(30)
-    duplicated = Session(tiny)
-    list(duplicated.feed(prompt))
-    merged = Session(tiny)
-    list(merged.feed(prompt))
+    duplicated = _fed(tiny, prompt)
+    merged = _fed(tiny, prompt)
     for i, (keys, values) in _spans_of(duplicated, 10, 11).items():
         duplicated.cache.replace(i, 10, 11, keys.repeat(1, 1, copies, 1), values.repeat(1, 1, copies, 1))
         merged.cache.replace(i, 10, 11, keys, values, beta=torch.full(keys.shape[:-1], math.log(copies)))
@@ -97,8 +100,7 @@ def test_k_duplicate_keys_equal_one_key_with_beta_log_k(tiny, copies):
     a, b = _continue(duplicated), _continue(merged)
     assert (a - b).abs().max() <= 1e-5
     # control: without β the merged cache really differs, so the check above can fail
-    control = Session(tiny)
-    list(control.feed(prompt))
+    control = _fed(tiny, prompt)
     for i, (keys, values) in _spans_of(control, 10, 11).items():
         control.cache.replace(i, 10, 11, keys.repeat(1, 1, copies, 1), values.repeat(1, 1, copies, 1))
         control.cache.replace(i, 10, 10 + copies, keys, values)
@@ -107,8 +109,7 @@ def test_k_duplicate_keys_equal_one_key_with_beta_log_k(tiny, copies):
 
 def test_new_tokens_continue_from_the_logical_length(tiny_llama):
     prompt = _prompt(40)
-    session = Session(tiny_llama)
-    list(session.feed(prompt))
+    session = _fed(tiny_llama, prompt)
     kept = torch.cat([torch.arange(0, 8), torch.arange(24, 40)])
     for i in session.cache.compactable:
         session.cache.keep(i, kept)
@@ -135,8 +136,7 @@ def test_new_tokens_continue_from_the_logical_length(tiny_llama):
 
 
 def test_sliding_layers_are_never_compacted(tiny_gemma3):
-    session = Session(tiny_gemma3)
-    list(session.feed(_prompt(40)))
+    session = _fed(tiny_gemma3, _prompt(40))
     sliding = [i for i in range(len(session.cache.layers)) if i not in session.cache.compactable]
     assert sliding == [0, 2]
     layer = session.cache.layers[sliding[0]]
@@ -146,8 +146,7 @@ def test_sliding_layers_are_never_compacted(tiny_gemma3):
 
 
 def test_nbytes_counts_every_tensor(tiny_llama):
-    session = Session(tiny_llama)
-    list(session.feed(_prompt(20)))
+    session = _fed(tiny_llama, _prompt(20))
     layers = session.cache.layers
     expected = sum(l.keys.numel() * 4 + l.values.numel() * 4 for l in layers)
     assert session.cache.nbytes() == expected
@@ -197,8 +196,7 @@ def test_sampling_is_seeded(tiny_llama):
 
 
 def test_fork_is_an_independent_branch(tiny_llama):
-    session = Session(tiny_llama)
-    list(session.feed(_prompt(30)))
+    session = _fed(tiny_llama, _prompt(30))
     branch = session.fork()
     for i in branch.cache.compactable:
         branch.cache.keep(i, torch.arange(10))

@@ -5,15 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agentloop import GenerationSettings, Session
+from agentloop import GenerationSettings
 from agentloop.compaction.span import compact_span
-from test_loop import _continue, _prompt
+from test_loop import _continue, _fed, _prompt
 
 
 def _session(model, n=48):
-    session = Session(model)
-    list(session.feed(_prompt(n), record=True))
-    return session
+    return _fed(model, _prompt(n), record=True)
 
 
 def test_full_size_compaction_keeps_the_logits(tiny_llama):
