@@ -8,6 +8,7 @@ room, and resumes, or stops cleanly. New tokens always get RoPE positions from t
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator
 
@@ -55,6 +56,9 @@ class Session:
         self.prompt_len = 0
         self.last_logits: torch.Tensor | None = None  # fp32 logits of the newest position
         self.context_recorder: QueryRecorder | None = None  # queries of the last feed(record=True)
+        window = self.policy.query_window()
+        # queries of the newest `window` tokens fed or decoded, for policies that compact with them
+        self.recent_recorder = QueryRecorder(self.cache.compactable, self.cache.kv_heads, window) if window else None
         self.peak_bytes = 0
         self.policy_actions = 0
         self._t0 = time.perf_counter()
@@ -104,7 +108,7 @@ class Session:
                 break
             fits = yield from self._make_room(1)
             if not fits:
-                reason, error = "mem_cap", not isinstance(self.policy, NoPolicy)
+                reason, error = "mem_cap", not self.policy.at_limit()
                 message = (f"memory cap {format_bytes(self.cap_bytes)} reached after {step} new tokens; "
                            f"policy {self.policy.name!r} " + ("stops at the cap" if not error else "could not free room"))
                 break
@@ -141,8 +145,7 @@ class Session:
                              projected_bytes=projected, cap_bytes=self.cap_bytes)
             tic = time.perf_counter()
             room = Room(cache=self.cache, cap_bytes=self.cap_bytes, cap_slots=self.cap_slots, needed_tokens=n_new,
-                        element_size=self.element_size, prompt_len=self.prompt_len, model=self.model,
-                        token_ids=self.token_ids)
+                        element_size=self.element_size, prompt_len=self.prompt_len, session=self)
             details = self.policy.make_room(room)
             if details is None:
                 return False
@@ -160,6 +163,8 @@ class Session:
         other.__dict__.update(self.__dict__)
         other.cache = self.cache.copy()
         other.token_ids = list(self.token_ids)
+        other.policy = copy.deepcopy(self.policy)  # policies may count their actions
+        other.recent_recorder = copy.deepcopy(self.recent_recorder)
         return other
 
     def probe(self, ids: list[int], generate: int = 0, seed: int = 0) -> dict[int, torch.Tensor]:
@@ -190,9 +195,25 @@ class Session:
         return out.logits[0, -1].float()
 
     def _forward(self, ids: list[int], recorder: QueryRecorder | None = None) -> None:
-        self.last_logits = self._step(ids, recorder)
+        self.last_logits = self._step(ids, _Tee.of(recorder, self.recent_recorder))
         self.token_ids.extend(ids)
         self.peak_bytes = max(self.peak_bytes, self.cache.nbytes())
+
+
+class _Tee:
+    """Hands each layer's queries to several recorders."""
+
+    def __init__(self, recorders: list[QueryRecorder]):
+        self.recorders = recorders
+
+    @classmethod
+    def of(cls, *recorders: QueryRecorder | None) -> "QueryRecorder | _Tee | None":
+        present = [r for r in recorders if r is not None]
+        return present[0] if len(present) == 1 else cls(present) if present else None
+
+    def record(self, layer_idx: int, query: torch.Tensor) -> None:
+        for recorder in self.recorders:
+            recorder.record(layer_idx, query)
 
 
 def sample(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator) -> int:

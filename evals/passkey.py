@@ -1,9 +1,9 @@
 """Passkey retrieval after one-shot compaction of the context, per method and ratio, next to the full cache.
 
-Each trial hides a short secret phrase at a random depth of 1k-3k tokens of real prose (Paul Graham essays)
+Each trial hides a five-digit pass key at a random depth of 1k-3k tokens of real prose (Paul Graham essays)
 inside a user turn that ends with a question about it. The context span alone is compacted (the chat
 template around it stays verbatim), then the question is prefilled and the model answers greedily.
-A trial is correct when the answer contains the phrase's number and words.
+A trial is correct when the answer contains the pass key.
 """
 
 from __future__ import annotations
@@ -14,34 +14,31 @@ import random
 import re
 import time
 
-COLORS = ("red", "blue", "green", "golden", "silver", "purple", "orange", "black", "white", "amber")
-ANIMALS = ("falcon", "otter", "tiger", "heron", "badger", "dolphin", "lynx", "raven", "bison", "gecko")
-NEEDLE = " The secret passphrase is {phrase}. Remember the secret passphrase: {phrase}. "
-QUESTION = "What is the secret passphrase hidden in the text above?"
-ANSWER_PREFIX = 'Sure! The secret passphrase is "'  # prefilled as the start of the answer, so the model states the phrase
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "What is the pass key? Answer with the number only."
+ANSWER_PREFIX = "The pass key is"  # prefilled as the start of the answer, so the model states the key
 DEFAULT_METHODS = ("am-hak-fast", "am-hak", "am-omp-fast", "am-omp", "h2o", "snapkv", "streaming", "random")
 
 
 def make_trial(tokenizer, rng: random.Random, min_tokens: int, max_tokens: int):
-    """(prefix ids, context ids, suffix ids, phrase) for one trial."""
+    """(prefix ids, context ids, suffix ids, key) for one trial."""
     from agentloop.evals.text import prose_ids
 
-    phrase = f"{rng.choice(COLORS)} {rng.choice(ANIMALS)} {rng.randint(1000, 9999)}"
+    key = str(rng.randint(10000, 99999))
     haystack = tokenizer.decode(prose_ids(tokenizer, rng.randint(min_tokens, max_tokens), start_essay=rng.randrange(49)))
     cut = int(rng.random() * len(haystack))
     boundary = haystack.rfind(". ", 0, cut)  # hide the needle between two sentences
     boundary = boundary + 1 if boundary >= 0 else 0
-    context = haystack[:boundary] + NEEDLE.format(phrase=phrase) + haystack[boundary:].lstrip()
+    context = haystack[:boundary] + NEEDLE.format(key=key) + haystack[boundary:].lstrip()
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "@@CONTEXT@@\n\n" + QUESTION}],
                                              tokenize=False, add_generation_prompt=True)
     before, after = rendered.split("@@CONTEXT@@")
-    encode = lambda text: [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]  # noqa: E731
-    return encode(before), encode(context), encode(after + ANSWER_PREFIX), phrase
+    encode = lambda text: [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    return encode(before), encode(context), encode(after + ANSWER_PREFIX), key
 
 
-def correct(answer: str, phrase: str) -> bool:
-    words = re.findall(r"[a-z0-9]+", answer.lower())
-    return all(part in words for part in phrase.lower().split())
+def correct(answer: str, key: str) -> bool:
+    return key in re.findall(r"\d+", answer)
 
 
 def answer(session, suffix: list[int], max_new_tokens: int) -> str:
@@ -71,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--ratios", nargs="+", type=int, default=[2, 5, 10, 20, 50])
     parser.add_argument("--max-queries", type=int, default=4096)
-    parser.add_argument("--answer-tokens", type=int, default=16)
+    parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
@@ -79,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     from agentloop import Session, load_model
     from agentloop.cli import _quiet_transformers
     from agentloop.compaction.span import compact_span
-    from agentloop.evals import results_dir, write_results
 
     _quiet_transformers()
     loaded = load_model(args.model)
@@ -87,28 +83,40 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for trial in range(args.trials):
         tic = time.perf_counter()
-        prefix, context, suffix, phrase = make_trial(loaded.tokenizer, rng, args.min_tokens, args.max_tokens)
+        prefix, context, suffix, key = make_trial(loaded.tokenizer, rng, args.min_tokens, args.max_tokens)
         base = Session(loaded)
         for _ in base.feed(prefix + context, record=True):
             pass
         start, end = len(prefix), len(prefix) + len(context)
         full = answer(base.fork(), suffix, args.answer_tokens)
-        records.append({"trial": trial, "method": "full", "ratio": 1, "tokens": len(context), "phrase": phrase,
-                        "answer": full, "correct": correct(full, phrase)})
+        records.append({"trial": trial, "method": "full", "ratio": 1, "tokens": len(context), "key": key,
+                        "answer": full, "correct": correct(full, key)})
         memo: dict[str, dict] = {}
         for method in args.methods:
             for ratio in args.ratios:
                 session = base.fork()
-                compact_span(session, start, end, 1.0 / ratio, method=method, context_ids=context, memo=memo,
-                             max_queries=args.max_queries, seed=args.seed + trial)
+                stats = compact_span(session, start, end, 1.0 / ratio, method=method, context_ids=context, memo=memo,
+                                     max_queries=args.max_queries, seed=args.seed + trial)
                 text = answer(session, suffix, args.answer_tokens)
                 records.append({"trial": trial, "method": method, "ratio": ratio, "tokens": len(context),
-                                "phrase": phrase, "answer": text, "correct": correct(text, phrase)})
+                                "key": key, "answer": text, "correct": correct(text, key),
+                                "compact_s": round(sum(stats.seconds.values()), 2)})
         done = [r for r in records if r["trial"] == trial]
         print(f"trial {trial}: {len(context)} tokens, full {'ok' if done[0]['correct'] else 'miss'}, "
               f"compacted {sum(r['correct'] for r in done[1:])}/{len(done) - 1} ok ({time.perf_counter() - tic:.0f}s)",
               flush=True)
+        if not args.no_write:
+            _report(args, records, argv)
 
+    print(_report(args, records, argv))
+    return 0
+
+
+def _report(args, records: list[dict], argv: list[str] | None) -> str:
+    """Summary table of the trials so far; written to evals/results after every trial (unless --no-write)."""
+    from agentloop.evals import results_dir, write_results
+
+    trials = len({r["trial"] for r in records})
     summary = {}
     for method in ["full", *args.methods]:
         for ratio in ([1] if method == "full" else args.ratios):
@@ -118,21 +126,20 @@ def main(argv: list[str] | None = None) -> int:
                                                           "ci95": wilson(k, len(sel))}
     full_acc = summary["full"]["1"]["accuracy"]
     lines = [f"# Passkey retrieval after one-shot compaction ({args.model})", "",
-             f"{args.trials} trials; a secret phrase (colour animal number) at a random depth of "
-             f"{args.min_tokens}-{args.max_tokens} tokens of prose; the context span is compacted, then the question is "
-             f"asked. Uncompacted cache: **{full_acc:.0%}**. Accuracy per method and ratio:", "",
+             (f"{trials} trials; a five-digit pass key at a random depth of {args.min_tokens}-{args.max_tokens} tokens "
+              f"of prose; the context span is compacted, then the question is asked. Uncompacted cache: "
+              f"**{full_acc:.0%}**. Accuracy per method and ratio:"), "",
              "| method | " + " | ".join(f"{r}x" for r in args.ratios) + " |", "|---|" + "---|" * len(args.ratios)]
     for method in args.methods:
         lines.append(f"| {method} | " + " | ".join(f"{summary[method][str(r)]['accuracy']:.0%}" for r in args.ratios) + " |")
     command = ("agentloop eval passkey " + " ".join(argv or [])).strip()
     lines += ["", f"95% Wilson intervals and every answer are in passkey.json. Reproduce: `{command}`"]
     text = "\n".join(lines)
-    print(text)
     if not args.no_write:
-        write_results("passkey", {"benchmark": "passkey", "config": vars(args), "summary": summary,
+        write_results("passkey", {"benchmark": "passkey", "config": vars(args), "trials": trials, "summary": summary,
                                   "records": records, "command": command}, text)
         _plot(summary, args.methods, args.ratios, full_acc, results_dir() / "passkey.png")
-    return 0
+    return text
 
 
 def _plot(summary, methods, ratios, full_acc, path) -> None:

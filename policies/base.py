@@ -26,8 +26,7 @@ class Room:
     needed_tokens: int  # tokens the next forward appends
     element_size: int  # bytes per cached element
     prompt_len: int  # tokens of the first prompt fed to the session
-    model: Any = None  # the model, for policies that run it (attention matching)
-    token_ids: list[int] | None = None  # every token fed so far, in order
+    session: Any = None  # the live Session, for policies that run the model (attention matching)
 
     def excess_bytes(self) -> int:
         return self.cache.bytes_after(self.needed_tokens, self.element_size) - self.cap_bytes
@@ -46,3 +45,12 @@ class MemoryPolicy:
 
     def make_room(self, room: Room) -> dict[str, Any] | None:
         raise NotImplementedError
+
+    def at_limit(self) -> bool:
+        """True when declining to free room is by design (plain decoding, a compaction budget spent): the loop
+        then stops with reason `mem_cap` and no error."""
+        return False
+
+    def query_window(self) -> int:
+        """Decode-time queries the loop should keep for this policy (the newest N tokens); 0 = none."""
+        return 0

@@ -11,3 +11,6 @@ class NoPolicy(MemoryPolicy):
 
     def make_room(self, room: Room) -> None:
         return None
+
+    def at_limit(self) -> bool:
+        return True

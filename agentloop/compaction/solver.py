@@ -84,7 +84,13 @@ def _design(E: Tensor, idx: Tensor, unbiasing: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# least-squares cores (float64 normal equations, [H, k, k])
+# least-squares cores (normal equations formed in float32, solved in float64, [H, k, k])
+
+def _normal_equations(M: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
+    """MᵀM [H, k, k] and MᵀY [H, k, m] for float32 M [H, n, k], Y [H, n, m]: the products run in float32
+    (~2x faster than float64 on CPU; the n-long sums lose ~n·1e-7 relative), the results are float64 for the solve."""
+    return (M.mT @ M).double(), (M.mT @ Y.float()).double()
+
 
 def _solve_spd(gram: Tensor, rhs: Tensor, ridge: float = 0.0) -> Tensor:
     """Solve (gram + ridge·I) x = rhs per head ([H, k, k], [H, k, m]); jitter grows where Cholesky fails."""
@@ -163,9 +169,9 @@ def _weight_bounds(lo: float | None, hi: float | None) -> tuple[float, float]:
 def _fit_weights(E: Tensor, mass: Tensor, idx: Tensor, unbiasing: Tensor, w_lo: float, w_hi: float,
                  pgd_iters: int, active_set_iters: int) -> Tensor:
     """Bounded LS weights of the keys idx against the mass [H, n] of all keys (E [H, n, T]): w [H, t]."""
-    M = _design(E, idx, unbiasing)  # [H, n, t]
-    rhs = (M.mT @ mass.double()[..., None])[..., 0]
-    return _bounded_solve(M.mT @ M, rhs, w_lo, w_hi, pgd_iters, active_set_iters).float()
+    M = _columns(E, idx) * unbiasing.gather(1, idx).float()[:, None, :]  # bare-key design [H, n, t], float32
+    gram, rhs = _normal_equations(M, mass[..., None])  # [H, t, t], [H, t, 1]
+    return _bounded_solve(gram, rhs[..., 0], w_lo, w_hi, pgd_iters, active_set_iters).float()
 
 
 def _to_beta(w: Tensor, unbiasing: Tensor) -> Tensor:
@@ -175,8 +181,9 @@ def _to_beta(w: Tensor, unbiasing: Tensor) -> Tensor:
 
 def _fit_values(Q: Tensor, keys: Tensor, beta: Tensor, scale: float, target: Tensor, ridge: float) -> Tensor:
     """Cv = argmin ||X Cv − target||² + ridge·||Cv||², X = softmax(scale·Q keysᵀ + β): [H, t, dv]."""
-    X = torch.softmax(attention_logits(Q, keys, scale, beta), -1).double()  # [H, n, t]
-    return _solve_spd(X.mT @ X, X.mT @ target.double(), ridge).float()
+    X = torch.softmax(attention_logits(Q, keys, scale, beta), -1)  # [H, n, t]
+    gram, rhs = _normal_equations(X, target)
+    return _solve_spd(gram, rhs, ridge).float()
 
 
 # ----------------------------------------------------------------------------------------------------

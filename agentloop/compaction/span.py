@@ -24,7 +24,7 @@ SS_PLUS_REPEAT: QuerySources = (("repeat", 1.0), ("selfstudy", 4.0))  # the pape
 @dataclass(frozen=True)
 class NamedMethod:
     solver: str  # a key of solver.METHODS
-    queries: QuerySources  # (source, weight): repeat | selfstudy | context | recent
+    queries: QuerySources  # (source, weight): repeat | selfstudy | context | recent | recorded
     summary: str
 
 
@@ -88,6 +88,11 @@ def reference_queries(session, sources: QuerySources, context_ids: list[int] | N
             queries = repeat_queries(session, context_ids if context_ids is not None else session.token_ids)
         elif source == "selfstudy":
             queries = self_study_queries(session, seed=seed)
+        elif source == "recorded":
+            if session.recent_recorder is None or not session.recent_recorder.tokens:
+                raise ValueError("query source 'recorded' needs decode-time queries: give the session a policy "
+                                 "whose query_window() is > 0")
+            queries = session.recent_recorder.queries()
         elif source in ("context", "recent"):
             if session.context_recorder is None:
                 raise ValueError(f"query source {source!r} needs the span's prefill queries: "

@@ -1,0 +1,95 @@
+"""Online compaction: pause -> compact -> resume under a hard cap, repeated, with β carried through."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agentloop import GenerationSettings, Session
+from agentloop.errors import AgentloopError
+from agentloop.policies import make_policy
+
+
+def _prompt(n: int, seed: int = 1, vocab: int = 512) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("queries", ["repeat", "recorded", "repeat+recorded"])
+def test_am_policy_compacts_many_times_under_the_cap(tiny_llama, queries):
+    cap_slots = 64
+    session = Session(tiny_llama, cap=f"{cap_slots}tok", policy=make_policy("am", queries=queries, record_window=32))
+    list(session.feed(_prompt(24)))
+    cap, compactions, tokens = session.cap_bytes, [], 0
+    for event in session.generate(GenerationSettings(max_new_tokens=4 * cap_slots, temperature=1.0, seed=5,
+                                                     ignore_eos=True)):
+        held = session.cache.nbytes()
+        assert held <= cap, f"{held} bytes held over a cap of {cap}"
+        assert session.cache.physical_len <= cap_slots
+        if event.kind == "policy":
+            compactions.append(event)
+            assert event.action == "compact" and event.bytes_after < event.bytes_before
+            assert event.details["output_error"] >= 0 and "queries" in event.details["stage_seconds"]
+        tokens += event.kind == "token"
+    assert tokens == 4 * cap_slots, "the run must not stop at the cap"
+    assert len(compactions) >= 6
+    assert session.cache.logical_len >= 4 * cap_slots
+    # every compacted slot carries β; the protected tail and the newest tokens are verbatim (β = 0)
+    beta = session.cache.beta(0)
+    assert beta is not None and beta.shape[-1] == session.cache.physical_len
+    assert torch.all(beta[..., -20:] == 0)
+    assert session.peak_bytes <= cap
+
+
+def test_region_keeps_half_and_the_tail_verbatim(tiny_llama):
+    session = Session(tiny_llama, cap="64tok", policy=make_policy("am", protect_recent=10))
+    list(session.feed(_prompt(64)))
+    tail_keys = session.cache.layers[0].keys[..., -10:, :].clone()
+    events = list(session.generate(GenerationSettings(max_new_tokens=1, ignore_eos=True)))
+    policy = [e for e in events if e.kind == "policy"]
+    assert len(policy) == 1
+    assert policy[0].physical_before == 64 and policy[0].physical_after == 27 + 10  # round(54 * 0.5) + tail
+    # the tail moved to the front of the free space unchanged; the new token sits after it
+    assert torch.equal(session.cache.layers[0].keys[..., 27:37, :], tail_keys)
+    assert session.cache.logical_len == 65
+
+
+def test_pinned_prompt_is_not_compacted(tiny_llama):
+    session = Session(tiny_llama, cap="64tok", policy=make_policy("am", pin_prompt=True))
+    list(session.feed(_prompt(16)))
+    head = session.cache.layers[1].keys[..., :16, :].clone()
+    list(session.generate(GenerationSettings(max_new_tokens=150, temperature=1.0, ignore_eos=True)))
+    assert session.policy.compactions >= 3
+    assert torch.equal(session.cache.layers[1].keys[..., :16, :], head)
+    assert torch.all(session.cache.beta(1)[..., :16] == 0)
+
+
+def test_max_compactions_stops_at_the_cap_without_error(tiny_llama):
+    session = Session(tiny_llama, cap="64tok", policy=make_policy("am", max_compactions=2))
+    list(session.feed(_prompt(24)))
+    events = list(session.generate(GenerationSettings(max_new_tokens=1000, ignore_eos=True)))
+    stop = events[-1]
+    assert sum(e.kind == "policy" for e in events) == 2
+    assert stop.reason == "mem_cap" and not stop.error and session.cache.physical_len == 64
+
+
+@pytest.mark.parametrize("name", ["h2o", "snapkv"])
+def test_eviction_baselines_keep_original_slots(tiny_llama, name):
+    session = Session(tiny_llama, cap="64tok", policy=make_policy(name, record_window=16))
+    list(session.feed(_prompt(24)))
+    full = None
+    for event in session.generate(GenerationSettings(max_new_tokens=41, temperature=1.0, ignore_eos=True)):
+        if event.kind == "pause":  # the loop pauses before the policy acts: the cache is still whole
+            full = session.cache.layers[2].values[0].clone()  # [kv_heads, 64, d]
+    assert session.policy.compactions == 1 and full is not None
+    kept = session.cache.layers[2].values[0, :, :22]  # round(44 * 0.5) slots of the compacted region
+    # every kept slot is one of the original slots of its head (no refitted values), and no β was fitted
+    same = (kept[:, :, None, :] == full[:, None, :44, :]).all(-1)  # [kv_heads, 22 kept, 44 original]
+    assert same.any(-1).all()
+    assert torch.all(session.cache.beta(2)[..., :22] == 0)
+
+
+@pytest.mark.parametrize("options, message", [({"ratio": 1.5}, "ratio"), ({"method": "zip"}, "unknown compaction"),
+                                              ({"queries": "dreams"}, "query source"), ({"nope": 1}, "no option")])
+def test_bad_policy_options_are_clear_errors(options, message):
+    with pytest.raises(AgentloopError, match=message):
+        make_policy("am", **options)
