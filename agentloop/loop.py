@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,6 +23,9 @@ from agentloop.events import Event, PauseEvent, PolicyEvent, PrefillEvent, StopE
 from agentloop.memcap import MemCap, format_bytes, parse_mem_cap
 from agentloop.models import LoadedModel
 from agentloop.policies import MemoryPolicy, NoPolicy, Room
+
+
+PROBE_CHUNK = 512  # tokens per forward when probing for reference queries
 
 
 class GenerationSettings(BaseModel):
@@ -64,10 +67,12 @@ class Session:
         self._t0 = time.perf_counter()
 
     # --- public -------------------------------------------------------------------------------
-    def feed(self, ids: list[int], record: bool = False) -> Iterator[Event]:
+    def feed(self, ids: list[int], record: bool = False,
+             on_logits: Callable[[torch.Tensor], None] | None = None) -> Iterator[Event]:
         """Prefill `ids` after what the cache holds, in chunks, under the cap.
 
-        With `record`, the queries of these tokens are kept in `context_recorder` (context-prefill queries)."""
+        With `record`, the queries of these tokens are kept in `context_recorder` (context-prefill queries).
+        `on_logits` receives each chunk's fp32 logits at every position, [chunk, vocab] (teacher forcing)."""
         if not ids:
             return
         recorder = QueryRecorder(self.cache.compactable, self.cache.kv_heads) if record else None
@@ -86,7 +91,7 @@ class Session:
                     f"{len(self.token_ids) + len(chunk)} tokens need {format_bytes(need)} and policy "
                     f"{self.policy.name!r} cannot free room; raise --mem-cap or choose a compacting policy"
                 )
-            self._forward(chunk, recorder)
+            self._forward(chunk, recorder, on_logits)
         yield PrefillEvent(t=self._now(), tokens=len(ids), seconds=time.perf_counter() - start,
                            logical_len=self.cache.logical_len, physical_len=self.cache.physical_len,
                            cache_bytes=self.cache.nbytes())
@@ -175,8 +180,9 @@ class Session:
         settings = GenerationSettings(temperature=0.7, top_p=0.9, seed=seed)
         generator = torch.Generator().manual_seed(seed)
         try:
-            for i in range(0, len(ids), self.prefill_chunk):
-                logits = self._step(ids[i:i + self.prefill_chunk], recorder)
+            chunk = max(self.prefill_chunk, PROBE_CHUNK)  # the probe is rolled back: chunk size only bounds memory
+            for i in range(0, len(ids), chunk):
+                logits = self._step(ids[i:i + chunk], recorder)
             for _ in range(generate):
                 logits = self._step([sample(logits, settings, generator)], recorder)
         finally:
@@ -184,18 +190,25 @@ class Session:
         return recorder.queries()
 
     @torch.inference_mode()
-    def _step(self, ids: list[int], recorder: QueryRecorder | None = None) -> torch.Tensor:
-        """One forward of `ids` after the cache, at logical positions; returns the last position's fp32 logits."""
+    def _step(self, ids: list[int], recorder: QueryRecorder | None = None, every_position: bool = False) -> torch.Tensor:
+        """One forward of `ids` after the cache, at logical positions: fp32 logits of the last position [vocab],
+        or of every position [len(ids), vocab]."""
         first = self.cache.logical_len
         device = self.loaded.device
         input_ids = torch.tensor([ids], device=device)
         positions = torch.arange(first, first + len(ids), device=device)[None]
         out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=self.cache,
-                         use_cache=True, beta_cache=self.cache, query_recorder=recorder, logits_to_keep=1)
-        return out.logits[0, -1].float()
+                         use_cache=True, beta_cache=self.cache, query_recorder=recorder,
+                         logits_to_keep=0 if every_position else 1)
+        return out.logits[0].float() if every_position else out.logits[0, -1].float()
 
-    def _forward(self, ids: list[int], recorder: QueryRecorder | None = None) -> None:
-        self.last_logits = self._step(ids, _Tee.of(recorder, self.recent_recorder))
+    def _forward(self, ids: list[int], recorder: QueryRecorder | None = None,
+                 on_logits: Callable[[torch.Tensor], None] | None = None) -> None:
+        logits = self._step(ids, _Tee.of(recorder, self.recent_recorder), every_position=on_logits is not None)
+        if on_logits is not None:
+            on_logits(logits)
+            logits = logits[-1]
+        self.last_logits = logits
         self.token_ids.extend(ids)
         self.peak_bytes = max(self.peak_bytes, self.cache.nbytes())
 

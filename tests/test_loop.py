@@ -203,3 +203,17 @@ def test_fork_is_an_independent_branch(tiny_llama):
     assert session.cache.physical_len == 30 and branch.cache.physical_len == 10
     same = session.fork()
     assert (_continue(session, 10) - _continue(same, 10)).abs().max() == 0
+
+
+def test_teacher_forced_logits_match_a_plain_forward(tiny_llama):
+    reference_model = reference_copy(tiny_llama)
+    session = Session(tiny_llama, prefill_chunk=7)
+    prompt = _prompt(40)
+    chunks = []
+    list(session.feed(prompt, on_logits=chunks.append))
+    logits = torch.cat(chunks)  # [40, vocab]
+    with torch.no_grad():
+        reference = reference_model(torch.tensor([prompt])).logits[0].float()
+    assert logits.shape == reference.shape
+    assert (logits - reference).abs().max() < 1e-4
+    assert torch.equal(session.last_logits, logits[-1])

@@ -17,6 +17,7 @@ from agentloop.compaction.solver import compact
 
 QuerySources = tuple[tuple[str, float], ...]
 RECENT_WINDOW = 32  # tokens whose queries the `recent` source keeps
+STATS_QUERIES = 512  # keys used as queries for the fit statistics of query-free methods (streaming, random)
 QUERIES_PER_SLOT = 2  # the query mix is topped up to at least this many rows per kept slot
 SS_PLUS_REPEAT: QuerySources = (("repeat", 1.0), ("selfstudy", 4.0))  # the paper's mix: repeat is 1 of 5 specs
 
@@ -139,8 +140,9 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     beta = _stacked_beta(cache, layers, start, end)
     if queries is not None:
         Q = torch.cat([queries[i].to(keys.device) for i in layers])
-    else:  # query-free methods: the solver ignores queries except for statistics; use the keys themselves
-        Q = keys
+    else:  # query-free methods: the solver ignores queries except for statistics; use some of the keys themselves
+        rows = torch.randperm(span_len, generator=torch.Generator().manual_seed(seed))[:STATS_QUERIES].sort().values
+        Q = keys[:, rows.to(keys.device)]
     scale = session.model.model.layers[layers[0]].self_attn.scaling
 
     bounds = _chunks(span_len, chunk)

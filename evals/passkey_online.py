@@ -1,0 +1,151 @@
+"""Memory through compactions: does a pass key given in the prompt survive k online compactions?
+
+Each trial puts a five-digit pass key in the first user turn, then ingests real prose (Paul Graham essays) as
+further turns under a small cap, so the memory policy must act again and again. Right after the policy's k-th
+action (k = 1..K) the run is forked, the question is asked and the model answers greedily. One run per trial
+and policy gives the whole curve of accuracy against k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+from agentloop.evals.passkey import ANSWER_PREFIX, QUESTION, answer, correct, wilson
+
+NEEDLE = "Remember this: the pass key is {key}. {key} is the pass key."
+DEFAULT_POLICIES = ("am", "am-recorded", "h2o", "snapkv", "streaming")
+
+
+def make_trial(tokenizer, rng: random.Random, prose_tokens: int):
+    """(prompt ids, prose ids, question ids, key): the key sits in the first turn, the prose follows it."""
+    from agentloop.evals.text import prose_ids
+
+    from agentloop.chat import encode_messages
+    from agentloop.compaction.queries import turn_ids
+
+    key = str(rng.randint(10000, 99999))
+    prompt = encode_messages(tokenizer, [{"role": "user", "content": NEEDLE.format(key=key) + " Now read on."}],
+                             add_generation_prompt=False)
+    prose = prose_ids(tokenizer, prose_tokens, start_essay=rng.randrange(49))
+    question = turn_ids(tokenizer, QUESTION) + [int(i) for i in tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]]
+    return prompt, prose, question, key
+
+
+def run_trial(loaded, policy, cap: str, prompt, prose, question, key, args, ask_at: list[int] | None = None):
+    """Ingest the prose chunk by chunk and ask the question on a fork of the run: after each of the policy's first
+    `max_k` actions (ask_at None), or after the given chunk indices (the first policy's schedule, so that every
+    policy is asked after the same amount of text). Returns ([(chunk index, record)], peak bytes, cap bytes)."""
+    from agentloop import Session
+
+    session = Session(loaded, cap=cap, policy=policy, prefill_chunk=args.chunk)
+    list(session.feed(prompt))
+    asked = []
+    for index, start in enumerate(range(0, len(prose), args.chunk)):
+        actions_before = session.policy_actions
+        list(session.feed(prose[start:start + args.chunk]))
+        if (index in ask_at) if ask_at is not None else session.policy_actions > actions_before:
+            text = answer(session.fork(), question, args.answer_tokens)
+            asked.append((index, {"correct": correct(text, key), "answer": text, "actions": session.policy_actions,
+                                  "logical": session.cache.logical_len, "physical": session.cache.physical_len}))
+            if len(asked) == (len(ask_at) if ask_at is not None else args.max_k):
+                break
+    return asked, session.peak_bytes, session.cap_bytes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agentloop eval passkey-online", description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--mem-cap", default="256tok")
+    parser.add_argument("--max-k", type=int, default=8, help="compactions to go through")
+    parser.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES))
+    parser.add_argument("--chunk", type=int, default=32, help="prose ingested per forward")
+    parser.add_argument("--prose-tokens", type=int, default=2400, help="prose available after the key")
+    parser.add_argument("--answer-tokens", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+
+    from agentloop.evals.online_fidelity import policy_for
+
+    from agentloop import load_model
+    from agentloop.cli import _quiet_transformers
+
+    _quiet_transformers()
+    loaded = load_model(args.model)
+    rng = random.Random(args.seed)
+    records = []
+    for trial in range(args.trials):
+        prompt, prose, question, key = make_trial(loaded.tokenizer, rng, args.prose_tokens)
+        ask_at = None  # the first policy's action points, then reused for the others
+        for name in args.policies:
+            tic = time.perf_counter()
+            asked, peak, cap_bytes = run_trial(loaded, policy_for(name, args.seed + trial), args.mem_cap, prompt,
+                                               prose, question, key, args, ask_at)
+            ask_at = ask_at or [index for index, _ in asked]
+            records += [{"trial": trial, "policy": name, "k": k, "key": key, "peak_bytes": peak, "cap_bytes": cap_bytes,
+                         **r} for k, (_, r) in enumerate(asked, 1)]
+            print(f"trial {trial} {name:12s} " + "".join("+" if r["correct"] else "." for _, r in asked)
+                  + f" ({time.perf_counter() - tic:.0f}s)", flush=True)
+        if not args.no_write:
+            _report(args, records, argv)
+    print(_report(args, records, argv))
+    return 0
+
+
+def _report(args, records: list[dict], argv: list[str] | None) -> str:
+    from agentloop.evals import results_dir, write_results
+
+    trials = len({r["trial"] for r in records})
+    ks = list(range(1, args.max_k + 1))
+    summary = {}
+    for name in args.policies:
+        for k in ks:
+            sel = [r for r in records if r["policy"] == name and r["k"] == k]
+            hits = sum(r["correct"] for r in sel)
+            summary.setdefault(name, {})[str(k)] = {"accuracy": hits / len(sel) if sel else None, "n": len(sel),
+                                                    "ci95": wilson(hits, len(sel))}
+    over_cap = [r for r in records if r["peak_bytes"] > r["cap_bytes"]]
+    lines = [f"# Pass key through k online compactions ({args.model}, cap {args.mem_cap})", "",
+             (f"{trials} trials; a five-digit pass key in the first user turn, then prose ingested in "
+              f"{args.chunk}-token chunks; the question is asked (on a fork of the run) right after the k-th "
+              f"compaction of `{args.policies[0]}`, and every other policy is asked after the same amount of text. "
+              f"Runs whose peak cache bytes exceeded the cap: {len(over_cap)}."), "",
+             "| policy | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for name in args.policies:
+        cells = [summary[name][str(k)] for k in ks]
+        lines.append(f"| {name} | " + " | ".join("—" if c["accuracy"] is None else f"{c['accuracy']:.0%}"
+                                                 for c in cells) + " |")
+    command = ("agentloop eval passkey-online " + " ".join(argv or [])).strip()
+    lines += ["", ("`am` = Attention Matching at ratio 0.5 with repeat-prefill queries; `am-recorded` = with the newest "
+              "256 tokens' queries; `h2o`/`snapkv` = eviction at the same schedule; `streaming` = 4 sinks + recent "
+              "window (evicts 32 slots at a time; the key leaves its window at the first eviction)."), "",
+              f"95% Wilson intervals and every answer are in passkey_online.json. Reproduce: `{command}`"]
+    text = "\n".join(lines)
+    if not args.no_write:
+        write_results("passkey_online", {"benchmark": "passkey-online", "config": vars(args), "trials": trials,
+                                         "summary": summary, "records": records, "command": command}, text)
+        _plot(summary, args.policies, ks, results_dir() / "passkey_online.png", args.mem_cap)
+    return text
+
+
+def _plot(summary, policies, ks, path, cap) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in policies:
+        points = [(k, summary[name][str(k)]["accuracy"]) for k in ks if summary[name][str(k)]["accuracy"] is not None]
+        ax.plot([k for k, _ in points], [a for _, a in points], "-o" if name.startswith("am") else "--s", label=name)
+    ax.set_xlabel(f"compactions of {policies[0]} so far (k)")
+    ax.set_ylabel("pass key accuracy")
+    ax.set_title(f"Pass key through compactions, cap {cap}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
