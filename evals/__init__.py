@@ -11,6 +11,10 @@ EVALS: dict[str, tuple[str, str]] = {
     "decode-speed": ("agentloop.evals.decode_speed", "tok/s of the capped loop vs HF generate on the default model"),
     "fidelity": ("agentloop.evals.fidelity", "held-out attention error of every compaction method vs ratio"),
     "passkey": ("agentloop.evals.passkey", "passkey retrieval after one-shot compaction, per method and ratio"),
+    "aime": ("agentloop.evals.aime", "AIME under a KV cap with online compaction and a forced answer (paper App. F.3)"),
+    "online-fidelity": ("agentloop.evals.online_fidelity", "teacher-forced replay under a cap: KL/top-1 vs uncapped, per policy"),
+    "passkey-online": ("agentloop.evals.passkey_online", "pass key in the prompt, asked after k online compactions"),
+    "online-speed": ("agentloop.evals.online_speed", "tok/s of a run with online compactions vs uncapped"),
     "compaction-speed": ("agentloop.evals.compaction_speed", "seconds and GFLOP/s per stage of am-hak-fast, by span length"),
 }
 
