@@ -35,6 +35,7 @@ class GenerationSettings(BaseModel):
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 = no top-k filter")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="> 1 discourages tokens already in the context")
     seed: int = 0
     stop: list[str] = Field(default_factory=list, description="stop strings")
     ignore_eos: bool = False
@@ -107,7 +108,7 @@ class Session:
         actions_before, start = self.policy_actions, time.perf_counter()
         reason, message, error = "max_new_tokens", "", False
         for step in range(settings.max_new_tokens):
-            token = sample(self.last_logits, settings, generator)
+            token = sample(self.last_logits, settings, generator, self.token_ids)
             if token in eos:
                 reason = "eos"
                 break
@@ -184,7 +185,7 @@ class Session:
             for i in range(0, len(ids), chunk):
                 logits = self._step(ids[i:i + chunk], recorder)
             for _ in range(generate):
-                logits = self._step([sample(logits, settings, generator)], recorder)
+                logits = self._step([sample(logits, settings, generator, self.token_ids)], recorder)
         finally:
             self.cache.restore(snapshot)
         return recorder.queries()
@@ -229,11 +230,19 @@ class _Tee:
             recorder.record(layer_idx, query)
 
 
-def sample(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator) -> int:
-    """Greedy when temperature is 0; otherwise temperature, top-k and top-p sampling."""
+def sample(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator,
+           context: list[int] = ()) -> int:
+    """Repetition penalty over the `context` tokens (CTRL-style: positive logits divided, negative multiplied),
+    then greedy when temperature is 0, else temperature, top-k and top-p sampling."""
+    scores = logits.float().cpu().clone()
+    if settings.repetition_penalty != 1.0 and context:
+        seen = torch.tensor(sorted(set(context)))
+        penalized = scores[seen]
+        scores[seen] = torch.where(penalized > 0, penalized / settings.repetition_penalty,
+                                   penalized * settings.repetition_penalty)
     if settings.temperature == 0:
-        return int(logits.argmax())
-    scores = logits.float().cpu() / settings.temperature
+        return int(scores.argmax())
+    scores = scores / settings.temperature
     if settings.top_k:
         kth = torch.topk(scores, min(settings.top_k, scores.numel())).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

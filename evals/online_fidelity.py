@@ -19,6 +19,7 @@ import torch
 PROMPT = ("Write a long, detailed essay about how a small town changed over one hundred years: its people, "
           "its work, its buildings and its stories. Use many names, dates and numbers.")
 DEFAULT_POLICIES = ("am", "am-recorded", "h2o", "snapkv", "streaming", "truncate")
+REPETITION_PENALTY = 1.3  # a tiny model's sampled text otherwise falls into loops that any policy predicts
 AFTER = 6  # report the continuation after this many compactions separately
 
 
@@ -38,7 +39,8 @@ def generate_continuation(loaded, prompt_ids: list[int], tokens: int, seed: int)
 
     session = Session(loaded)
     list(session.feed(prompt_ids))
-    settings = GenerationSettings(max_new_tokens=tokens, temperature=0.8, top_p=0.95, seed=seed, ignore_eos=True)
+    settings = GenerationSettings(max_new_tokens=tokens, temperature=0.8, top_p=0.95, repetition_penalty=REPETITION_PENALTY,
+                                  seed=seed, ignore_eos=True)
     return [e.token_id for e in session.generate(settings) if e.kind == "token"]
 
 
@@ -130,7 +132,8 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 def _markdown(args, argv, rows: dict, ref_nll: float, n: int, prompt_tokens: int) -> str:
     command = ("agentloop eval online-fidelity " + " ".join(argv or [])).strip()
     lines = [f"# Online fidelity on {args.model}: teacher-forced replay under a {args.mem_cap} cap", "",
-             (f"The uncapped model wrote {n} tokens (sampled, T=0.8, seed {args.seed}) after a {prompt_tokens}-token "
+             (f"The uncapped model wrote {n} tokens (sampled: T=0.8, top-p 0.95, repetition penalty {REPETITION_PENALTY}, "
+              f"seed {args.seed}) after a {prompt_tokens}-token "
               f"prompt. Each policy replays them in {args.chunk}-token chunks under the cap and compacts or evicts "
               f"whenever the next chunk would not fit. Metrics per continuation position against the uncapped run; "
               f"'after {AFTER}' = positions after the {AFTER}th compaction. Uncapped NLL of its own text: "

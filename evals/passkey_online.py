@@ -14,23 +14,25 @@ import time
 
 from agentloop.evals.passkey import ANSWER_PREFIX, QUESTION, answer, correct, wilson
 
-NEEDLE = "Remember this: the pass key is {key}. {key} is the pass key."
-DEFAULT_POLICIES = ("am", "am-recorded", "h2o", "snapkv", "streaming")
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+DEFAULT_POLICIES = ("am", "full", "am-recorded", "h2o", "snapkv", "streaming")  # the first sets the schedule
 
 
 def make_trial(tokenizer, rng: random.Random, prose_tokens: int):
-    """(prompt ids, prose ids, question ids, key): the key sits in the first turn, the prose follows it."""
+    """(prompt ids, prose ids, question ids, key): one user turn holding the key, then the prose, then the
+    question; the prose is fed in chunks and the question (with the rest of the turn) is asked on forks."""
     from agentloop.evals.text import prose_ids
 
-    from agentloop.chat import encode_messages
-    from agentloop.compaction.queries import turn_ids
-
     key = str(rng.randint(10000, 99999))
-    prompt = encode_messages(tokenizer, [{"role": "user", "content": NEEDLE.format(key=key) + " Now read on."}],
-                             add_generation_prompt=False)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "@@CONTEXT@@\n\n" + QUESTION}],
+                                             tokenize=False, add_generation_prompt=True)
+    before, after = rendered.split("@@CONTEXT@@")
     prose = prose_ids(tokenizer, prose_tokens, start_essay=rng.randrange(49))
-    question = turn_ids(tokenizer, QUESTION) + [int(i) for i in tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]]
-    return prompt, prose, question, key
+    return _encode(tokenizer, before + NEEDLE.format(key=key) + "\n\n"), prose, _encode(tokenizer, after + ANSWER_PREFIX), key
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
 def run_trial(loaded, policy, cap: str, prompt, prose, question, key, args, ask_at: list[int] | None = None):
@@ -68,10 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
-    from agentloop.evals.online_fidelity import policy_for
-
     from agentloop import load_model
     from agentloop.cli import _quiet_transformers
+    from agentloop.evals.online_fidelity import policy_for
 
     _quiet_transformers()
     loaded = load_model(args.model)
@@ -82,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         ask_at = None  # the first policy's action points, then reused for the others
         for name in args.policies:
             tic = time.perf_counter()
-            asked, peak, cap_bytes = run_trial(loaded, policy_for(name, args.seed + trial), args.mem_cap, prompt,
-                                               prose, question, key, args, ask_at)
+            uncapped = name == "full"  # the same text and questions without a cap: what the model can do at all
+            asked, peak, cap_bytes = run_trial(loaded, None if uncapped else policy_for(name, args.seed + trial),
+                                               None if uncapped else args.mem_cap, prompt, prose, question, key, args,
+                                               ask_at)
             ask_at = ask_at or [index for index, _ in asked]
             records += [{"trial": trial, "policy": name, "k": k, "key": key, "peak_bytes": peak, "cap_bytes": cap_bytes,
                          **r} for k, (_, r) in enumerate(asked, 1)]
@@ -107,7 +110,7 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
             hits = sum(r["correct"] for r in sel)
             summary.setdefault(name, {})[str(k)] = {"accuracy": hits / len(sel) if sel else None, "n": len(sel),
                                                     "ci95": wilson(hits, len(sel))}
-    over_cap = [r for r in records if r["peak_bytes"] > r["cap_bytes"]]
+    over_cap = [r for r in records if r["cap_bytes"] is not None and r["peak_bytes"] > r["cap_bytes"]]
     lines = [f"# Pass key through k online compactions ({args.model}, cap {args.mem_cap})", "",
              (f"{trials} trials; a five-digit pass key in the first user turn, then prose ingested in "
               f"{args.chunk}-token chunks; the question is asked (on a fork of the run) right after the k-th "
@@ -119,7 +122,8 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
         lines.append(f"| {name} | " + " | ".join("—" if c["accuracy"] is None else f"{c['accuracy']:.0%}"
                                                  for c in cells) + " |")
     command = ("agentloop eval passkey-online " + " ".join(argv or [])).strip()
-    lines += ["", ("`am` = Attention Matching at ratio 0.5 with repeat-prefill queries; `am-recorded` = with the newest "
+    lines += ["", ("`full` = no cap (same text, same questions); `am` = Attention Matching at ratio 0.5 with "
+                   "repeat-prefill queries; `am-recorded` = with the newest "
               "256 tokens' queries; `h2o`/`snapkv` = eviction at the same schedule; `streaming` = 4 sinks + recent "
               "window (evicts 32 slots at a time; the key leaves its window at the first eviction)."), "",
               f"95% Wilson intervals and every answer are in passkey_online.json. Reproduce: `{command}`"]

@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from agentloop import GenerationSettings, Session
+from agentloop.loop import sample
 from agentloop.chat import encode_messages
 from agentloop.policies import make_policy
 from conftest import reference_copy
@@ -217,3 +218,14 @@ def test_teacher_forced_logits_match_a_plain_forward(tiny_llama):
     assert logits.shape == reference.shape
     assert (logits - reference).abs().max() < 1e-4
     assert torch.equal(session.last_logits, logits[-1])
+
+
+def test_repetition_penalty_steers_away_from_seen_tokens():
+    logits = torch.tensor([2.0, 1.9, -1.0, -1.2])
+    greedy = GenerationSettings(temperature=0.0)
+    generator = torch.Generator()
+    assert sample(logits, greedy, generator, context=[0]) == 0
+    penalized = GenerationSettings(temperature=0.0, repetition_penalty=1.3)
+    assert sample(logits, penalized, generator, context=[0]) == 1  # 2.0 / 1.3 < 1.9
+    assert sample(torch.tensor([-1.0, -1.2]), penalized, generator, context=[0]) == 1  # -1.3 < -1.2
+    assert torch.equal(logits, torch.tensor([2.0, 1.9, -1.0, -1.2]))  # the caller's logits are untouched
