@@ -152,6 +152,19 @@ class CompactableCache(Cache):
         beta = self.kv_heads * element_size
         return sum(per_slot + (beta if self.layers[i].beta is not None else 0) for i in self.compactable)
 
+    # --- mask sizes: full layers may hold different numbers of slots (non-uniform compaction budgets) ------
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        if layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], CompactableLayer):
+            return self.physical_len
+        return super().get_query_offset(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        """The full-attention causal mask spans the longest full layer; each layer's β attention keeps the last
+        kv_len columns (agentloop.attention), so a shorter layer stays aligned with the newest slots."""
+        if layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], CompactableLayer):
+            return self.physical_len + query_length, 0
+        return super().get_mask_sizes(query_length, layer_idx)
+
     def beta(self, layer_idx: int) -> torch.Tensor | None:
         layer = self.layers[layer_idx]
         return getattr(layer, "beta", None)

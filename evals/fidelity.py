@@ -4,14 +4,21 @@ For each context (consecutive essays, `--tokens` long) the cache is prefilled on
 a fresh copy of it. Fitting queries come from each method's own sources (repeat-prefill, self-study, the
 span's prefill, ...). Errors are measured on held-out queries: those of questions about the text, which
 no method saw. Errors are averaged over layers, KV heads and queries, then over contexts.
+
+With `--budgets FILE...` (see agentloop.compaction.budgets) every method also runs with the non-uniform head
+budgets of each file: "METHOD + FILE" keeps as many real slots as uniform (padding makes it hold more bytes),
+and "METHOD + FILE @bytes" keeps fewer real slots, so that padded it holds at most the bytes of uniform.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 QUESTIONS = (
     "What is the main argument of the text above?",
@@ -25,7 +32,8 @@ def held_out_queries(session, tokenizer, answer_tokens: int = 32) -> dict[int, t
     """Queries of three questions about the text and of the model's answers to them (uncompacted cache)."""
     from agentloop.compaction.queries import combine, turn_ids
 
-    probes = [session.probe(turn_ids(tokenizer, q), generate=answer_tokens, seed=1000 + k) for k, q in enumerate(QUESTIONS)]
+    probes = [session.probe(turn_ids(tokenizer, q), generate=answer_tokens, seed=1000 + k)
+              for k, q in enumerate(QUESTIONS)]
     return combine([(p, 1.0) for p in probes], budget=None, seed=0)
 
 
@@ -33,8 +41,44 @@ def stacked(cache, layers, name):
     return torch.cat([getattr(cache.layers[i], name)[0] for i in layers])
 
 
+def stacked_padded(cache, layers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys, values [layers * kv_heads, T_max, d] and β [layers * kv_heads, T_max] of layers of different lengths,
+    the shorter ones padded with zero slots of β = −inf (which get no attention)."""
+    length = max(cache.layers[i].physical_len for i in layers)
+    pad = [length - cache.layers[i].physical_len for i in layers]
+    keys = torch.cat([F.pad(cache.layers[i].keys[0], (0, 0, 0, n)) for i, n in zip(layers, pad, strict=True)])
+    values = torch.cat([F.pad(cache.layers[i].values[0], (0, 0, 0, n)) for i, n in zip(layers, pad, strict=True)])
+    beta = torch.cat([F.pad(cache.beta(i)[0], (0, n), value=-math.inf) for i, n in zip(layers, pad, strict=True)])
+    return keys, values, beta
+
+
+def variants(methods, budget_files: list[str]) -> list[tuple[str, str, str | None, str | None]]:
+    """(label, method, budget file, mode): every method uniform, then with each file at equal slots and bytes."""
+    out = []
+    for method in methods:
+        out.append((method, method, None, None))
+        for path in budget_files:
+            out.append((f"{method} + {Path(path).stem}", method, path, "slots"))
+            out.append((f"{method} + {Path(path).stem} @bytes", method, path, "bytes"))
+    return out
+
+
+def span_budgets(proportions, mode, layers: int, kv_heads: int, span_len: int, ratio: int) -> torch.Tensor | None:
+    """Slots per (layer, head) for a span: as many real slots as uniform ("slots"), or at most its bytes ("bytes")."""
+    from agentloop.compaction.budgets import head_budgets, head_budgets_within
+    from agentloop.compaction.span import target_slots
+
+    uniform = layers * kv_heads * target_slots(span_len, 1.0 / ratio)
+    if mode == "slots":
+        return head_budgets(proportions, uniform, span_len)
+    if mode == "bytes":
+        return head_budgets_within(proportions, uniform, span_len)
+    return None
+
+
 def run(args) -> dict:
     from agentloop import Session, load_model
+    from agentloop.compaction.budgets import load_budgets
     from agentloop.compaction.solver import evaluate
     from agentloop.compaction.span import compact_span
     from agentloop.evals.text import prose_ids
@@ -52,22 +96,27 @@ def run(args) -> dict:
         K, V = stacked(original, layers, "keys"), stacked(original, layers, "values")
         held = held_out_queries(session, loaded.tokenizer)
         Qh = torch.cat([held[i] for i in layers])
+        proportions = {path: load_budgets(path, (len(layers), original.kv_heads)) for path in args.budgets}
         memo: dict[str, dict] = {}
-        for method in args.methods:
+        for label, method, path, mode in variants(args.methods, args.budgets):
             for ratio in args.ratios:
                 session.cache = original.copy()
+                budgets = span_budgets(proportions.get(path), mode, len(layers), original.kv_heads, len(ids), ratio)
                 stats = compact_span(session, 0, len(ids), 1.0 / ratio, method=method, memo=memo,
-                                     max_queries=args.max_queries, seed=args.seed)
-                Kc, Vc = stacked(session.cache, layers, "keys"), stacked(session.cache, layers, "values")
-                Bc = torch.cat([session.cache.beta(i)[0] for i in layers])
+                                     max_queries=args.max_queries, seed=args.seed, budgets=budgets)
+                Kc, Vc, Bc = stacked_padded(session.cache, layers)
                 output_error, mass_error = evaluate(Qh, K, V, None, Kc, Bc, Vc, scale)
-                row = {"context": c, "method": method, "ratio": ratio, "kept": stats.kept,
-                       "held_out_output_error": float(output_error.mean()), "held_out_mass_error": float(mass_error.mean()),
-                       "fit_output_error": float(stats.output_error.mean()),
+                real_slots = int(budgets.sum()) if budgets is not None else len(layers) * original.kv_heads * stats.kept
+                row = {"context": c, "method": label, "ratio": ratio, "kept": stats.kept,
+                       "held_out_output_error": float(output_error.mean()),
+                       "held_out_mass_error": float(mass_error.mean()),
+                       "fit_output_error": float(stats.output_error.mean()), "bytes_after": stats.bytes_after,
+                       "padding_fraction": round(stats.padding_fraction, 4), "real_slots": real_slots,
                        "queries": stats.queries, "seconds": {k: round(v, 3) for k, v in stats.seconds.items()}}
                 rows.append(row)
-                print(f"context {c} {method:12s} {ratio:3d}x  held-out output error {row['held_out_output_error']:.4f}"
-                      f"  mass error {row['held_out_mass_error']:.4f}  ({stats.seconds['total']:.1f}s)", flush=True)
+                print(f"context {c} {label:28s} {ratio:3d}x  held-out output error {row['held_out_output_error']:.4f}"
+                      f"  mass error {row['held_out_mass_error']:.4f}  padding {stats.padding_fraction:.0%}"
+                      f"  ({stats.seconds['total']:.1f}s)", flush=True)
     return {"rows": rows}
 
 
@@ -79,7 +128,10 @@ def summarize(rows, methods, ratios) -> dict:
             if sel:
                 table.setdefault(m, {})[str(r)] = {
                     "output_error": statistics.mean(x["held_out_output_error"] for x in sel),
-                    "mass_error": statistics.mean(x["held_out_mass_error"] for x in sel)}
+                    "mass_error": statistics.mean(x["held_out_mass_error"] for x in sel),
+                    "bytes_after": statistics.mean(x["bytes_after"] for x in sel),
+                    "real_slots": statistics.mean(x["real_slots"] for x in sel),
+                    "padding_fraction": statistics.mean(x["padding_fraction"] for x in sel)}
     return table
 
 
@@ -88,17 +140,19 @@ def markdown(summary, args, command) -> str:
              f"{args.contexts} contexts of {args.tokens} tokens of real prose (Paul Graham essays); the whole span is "
              f"compacted one-shot. Fitting queries: each method's own sources, at most {args.max_queries} per KV head. "
              "Errors on held-out queries (three questions about the text and the model's 32-token answers to them, "
-             "never used for fitting), mean over "
-             "layers, KV heads, queries and contexts. Output error = ||o_c − o|| / ||o||; mass error = |m_c / m − 1|.", "",
+             "never used for fitting), mean over layers, KV heads, queries and contexts. "
+             "Output error = ||o_c − o|| / ||o||; mass error = |m_c / m − 1|.", "",
              "## Relative attention-output error (lower is better)", "",
              "| method | " + " | ".join(f"{r}x" for r in args.ratios) + " |",
              "|---|" + "---|" * len(args.ratios)]
     for m, per in summary.items():
-        lines.append(f"| {m} | " + " | ".join(f"{per[str(r)]['output_error']:.4f}" if str(r) in per else "–" for r in args.ratios) + " |")
+        lines.append(f"| {m} | " + " | ".join(f"{per[str(r)]['output_error']:.4f}" if str(r) in per else "–"
+                                              for r in args.ratios) + " |")
     lines += ["", "## Mass error", "", "| method | " + " | ".join(f"{r}x" for r in args.ratios) + " |",
               "|---|" + "---|" * len(args.ratios)]
     for m, per in summary.items():
-        lines.append(f"| {m} | " + " | ".join(f"{per[str(r)]['mass_error']:.4f}" if str(r) in per else "–" for r in args.ratios) + " |")
+        lines.append(f"| {m} | " + " | ".join(f"{per[str(r)]['mass_error']:.4f}" if str(r) in per else "–"
+                                              for r in args.ratios) + " |")
     evictions = [m for m in summary if not m.startswith("am-") and "10" in summary[m]]
     if evictions:
         best = min(evictions, key=lambda m: summary[m]["10"]["output_error"])
@@ -106,8 +160,25 @@ def markdown(summary, args, command) -> str:
         for m in (m for m in summary if m.startswith("am-") and "10" in summary[m]):
             ratio = summary[m]["10"]["output_error"] / summary[best]["10"]["output_error"]
             lines.append(f"At 10x, {m}'s output error is {ratio:.2f}x that of the best eviction baseline ({best}).")
+    if args.budgets:
+        lines += budget_lines(summary, args)
     lines += ["", f"Reproduce: `{command}`"]
     return "\n".join(lines)
+
+
+def budget_lines(summary, args) -> list[str]:
+    """Real slots, padding and bytes of each variant relative to uniform compaction with the same method."""
+    files = ", ".join(f"`{path}`" for path in args.budgets)
+    lines = ["", f"## Budgets: real slots, padding and bytes vs uniform (budget files {files})", "",
+             "| method | ratio | real slots | padding | bytes vs uniform | output error vs uniform |",
+             "|---|---|---|---|---|---|"]
+    for m, per in summary.items():
+        base = summary[m.split(" + ")[0]]
+        for r in (str(r) for r in args.ratios if str(r) in per and " + " in m):
+            lines.append(f"| {m} | {r}x | {per[r]['real_slots']:.0f} | {per[r]['padding_fraction']:.1%} | "
+                         f"{per[r]['bytes_after'] / base[r]['bytes_after']:.3f} | "
+                         f"{per[r]['output_error'] / base[r]['output_error']:.3f} |")
+    return lines
 
 
 def plot(summary, ratios, path) -> None:
@@ -123,7 +194,7 @@ def plot(summary, ratios, path) -> None:
         style = "-o" if m.startswith("am-") else "--s"
         axes[0].plot(xs, [per[str(r)]["output_error"] for r in xs], style, label=m)
         axes[1].plot(xs, [per[str(r)]["mass_error"] for r in xs], style, label=m)
-    for ax, title in zip(axes, ("held-out attention-output error", "held-out mass error")):
+    for ax, title in zip(axes, ("held-out attention-output error", "held-out mass error"), strict=True):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(ratios, [f"{r}x" for r in ratios])
@@ -145,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", nargs="+", type=int, default=[2, 5, 10, 20, 50])
     parser.add_argument("--max-queries", type=int, default=4096, help="fitting queries per KV head")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budgets", nargs="+", default=[], metavar="FILE", help="budget files: also run every "
+                        "method with each file's non-uniform head budgets (results go to fidelity_budgets)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
@@ -154,12 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_transformers()
     torch.manual_seed(args.seed)
     data = run(args)
-    summary = summarize(data["rows"], args.methods, args.ratios)
+    summary = summarize(data["rows"], [label for label, *_ in variants(args.methods, args.budgets)], args.ratios)
     command = "agentloop eval fidelity " + " ".join(argv or [])
     text = markdown(summary, args, command.strip())
     print(text)
     if not args.no_write:
         data.update({"benchmark": "fidelity", "config": vars(args), "summary": summary, "command": command.strip()})
-        write_results("fidelity", data, text)
-        plot(summary, args.ratios, results_dir() / "fidelity.png")
+        name = "fidelity_budgets" if args.budgets else "fidelity"
+        write_results(name, data, text)
+        plot(summary, args.ratios, results_dir() / f"{name}.png")
     return 0

@@ -9,6 +9,11 @@ row-max-shifted mass E = exp(S − rowmax(S)); Cv solves a least-squares fit of 
 Every function is batched over a leading head axis H (layers × KV heads may be flattened into it).
 Shapes: Q [H, n, d], K [H, T, d], V [H, T, dv], bias [H, T] (may hold −inf for padding slots), all float32.
 The bias is the existing β of already-compacted slots; a fitted β replaces it (it is the key's whole bias).
+Heads may keep different numbers of keys (`budgets`): every head gets t slots, of which its first budgets[h] are
+real and the rest padding (key 0, value 0, β = −inf). Padding slots enter the fits as zero design columns; the
+normal equations stay block-diagonal between real and padding slots, the Cholesky jitter keeps the padding
+block positive definite, and its zero right-hand side solves to weight 0, so the real slots are fitted exactly
+as if the head had been compacted alone to its budget.
 Big [H, n, T] tensors are float32; the small t×t normal equations are solved in float64 by Cholesky,
 which keeps float32 data exact enough and tolerates duplicate keys. The per-stage functions process all
 heads they are given at once; `compact` and `evaluate` split the heads into memory-bounded chunks.
@@ -166,17 +171,18 @@ def _weight_bounds(lo: float | None, hi: float | None) -> tuple[float, float]:
     return (MIN_WEIGHT if lo is None else math.exp(lo)), (math.inf if hi is None else math.exp(hi))
 
 
-def _fit_weights(E: Tensor, mass: Tensor, idx: Tensor, unbiasing: Tensor, w_lo: float, w_hi: float,
+def _fit_weights(E: Tensor, mass: Tensor, idx: Tensor, slot_unbiasing: Tensor, w_lo: float, w_hi: float,
                  pgd_iters: int, active_set_iters: int) -> Tensor:
-    """Bounded LS weights of the keys idx against the mass [H, n] of all keys (E [H, n, T]): w [H, t]."""
-    M = _columns(E, idx) * unbiasing.gather(1, idx).float()[:, None, :]  # bare-key design [H, n, t], float32
+    """Bounded LS weights of the keys idx against the mass [H, n] of all keys (E [H, n, T]): w [H, t].
+    `slot_unbiasing` [H, t] is exp(−bias) of each slot's key, 0 for padding (a zero design column)."""
+    M = _columns(E, idx) * slot_unbiasing.float()[:, None, :]  # bare-key design [H, n, t], float32
     gram, rhs = _normal_equations(M, mass[..., None])  # [H, t, t], [H, t, 1]
     return _bounded_solve(gram, rhs[..., 0], w_lo, w_hi, pgd_iters, active_set_iters).float()
 
 
-def _to_beta(w: Tensor, unbiasing: Tensor) -> Tensor:
-    """β = log w, −inf for keys that were padding in the original block (unbiasing 0): [H, t]."""
-    return w.log().masked_fill(unbiasing == 0, -math.inf)
+def _to_beta(w: Tensor, slot_unbiasing: Tensor) -> Tensor:
+    """β = log w, −inf for padding slots and for keys that were padding in the original block (unbiasing 0): [H, t]."""
+    return w.log().masked_fill(slot_unbiasing == 0, -math.inf)
 
 
 def _fit_values(Q: Tensor, keys: Tensor, beta: Tensor, scale: float, target: Tensor, ridge: float) -> Tensor:
@@ -205,20 +211,32 @@ def _top_keys(scores: Tensor, t: int) -> Tensor:
     return scores.topk(t, dim=-1).indices.sort(-1).values
 
 
+def _real_slots(budgets: Tensor, t: int) -> Tensor:
+    """True for the first budgets[h] of each head's t slots, the real ones; the rest are padding: [H, t]."""
+    return torch.arange(t, device=budgets.device) < budgets[:, None]
+
+
+def _real_first(idx: Tensor, real: Tensor) -> Tensor:
+    """The slot order that puts each head's real keys first, by position, and its padding slots last: [H, t]."""
+    return torch.where(real, idx, torch.iinfo(idx.dtype).max).argsort(dim=-1, stable=True)
+
+
 class _MassPursuit:
     """Greedy orthogonal matching pursuit on the mass residual y − M w, for all heads at once.
 
     Candidates are ranked by their raw correlation Eᵀ(y − Mw) (E holds each key's current, biased mass).
-    Each head owns t slots; a slot holds one key as its bare-key design column, or is vacant (zero column,
-    w = 0). The normal equations G = MᵀM, b = Mᵀy (float64) are updated slot by slot: a refit costs O(t³).
+    Each head owns t slots, of which the first budgets[h] are real; a real slot holds one key as its bare-key
+    design column, or is vacant (zero column, w = 0); padding slots stay empty (zero column, w = 0) for good.
+    The normal equations G = MᵀM, b = Mᵀy (float64) are updated slot by slot: a refit costs O(t³).
     """
 
-    def __init__(self, E: Tensor, mass: Tensor, t: int, unbiasing: Tensor):
+    def __init__(self, E: Tensor, mass: Tensor, budgets: Tensor, t: int, unbiasing: Tensor):
         heads, n, T = E.shape
         self.E, self.mass, self.unbiasing = E, mass.double(), unbiasing  # [H, n, T], [H, n], [H, T]
         on = dict(device=E.device)
         self.idx = torch.zeros(heads, t, dtype=torch.long, **on)
-        self.vacant = torch.ones(heads, t, dtype=torch.bool, **on)
+        self.real = _real_slots(budgets, t)  # [H, t]
+        self.vacant = self.real.clone()
         self.in_slot = torch.zeros(heads, T, dtype=torch.bool, **on)
         self.demoted = unbiasing == 0  # padding and dropped keys: picked only when nothing else is left
         self.M = torch.zeros(heads, n, t, dtype=torch.float64, **on)
@@ -259,7 +277,7 @@ class _MassPursuit:
 
     def refit(self, w_lo: float, w_hi: float, active_set_iters: int) -> None:
         w = _bounded_solve(self.G, self.b, w_lo, w_hi, active_set_iters=active_set_iters)
-        self.w = w.masked_fill(self.vacant, 0.0)
+        self.w = w.masked_fill(self.vacant | ~self.real, 0.0)
 
     def fill(self, k_choice: int, refit_every: int, w_lo: float, w_hi: float, active_set_iters: int) -> None:
         """Greedily fill every vacant slot. Refit (lstsq + clamp) every `refit_every` steps; the last refit
@@ -275,7 +293,7 @@ class _MassPursuit:
 
     def drop(self, w_min: float) -> bool:
         """Vacate slots whose weight fell below w_min and demote their keys for good. Returns whether any did."""
-        dropped = ~self.vacant & (self.w < w_min)  # [H, t]
+        dropped = self.real & ~self.vacant & (self.w < w_min)  # [H, t]
         if not dropped.any():
             return False
         keys = self.idx.masked_select(dropped)
@@ -290,18 +308,20 @@ class _MassPursuit:
         return True
 
 
-def _pursue(E: Tensor, mass: Tensor, t: int, unbiasing: Tensor, k_choice: int, refit_every: int, beta_max: float,
-            drop_below: float | None, max_rounds: int, active_set_iters: int) -> tuple[Tensor, Tensor]:
-    """OMP selection on E [H, n, T]: (idx [H, t] sorted, weights [H, t] from the final bounded fit)."""
+def _pursue(E: Tensor, mass: Tensor, budgets: Tensor, t: int, unbiasing: Tensor, k_choice: int, refit_every: int,
+            beta_max: float, drop_below: float | None, max_rounds: int,
+            active_set_iters: int) -> tuple[Tensor, Tensor]:
+    """OMP selection of budgets[h] keys per head on E [H, n, T]: (idx [H, t] with the real keys first, ascending,
+    weights [H, t] from the final bounded fit, 0 on padding slots)."""
     w_lo, w_hi = _weight_bounds(None, beta_max)
-    pursuit = _MassPursuit(E, mass, t, unbiasing)
+    pursuit = _MassPursuit(E, mass, budgets, t, unbiasing)
     pursuit.fill(k_choice, refit_every, w_lo, w_hi, active_set_iters)
     for _ in range(max_rounds if drop_below is not None else 0):
         if not pursuit.drop(math.exp(drop_below)):
             break
         pursuit.fill(k_choice, refit_every, w_lo, w_hi, active_set_iters)
-    idx, order = pursuit.idx.sort(-1)
-    return idx, pursuit.w.gather(1, order).float()
+    order = _real_first(pursuit.idx, pursuit.real)
+    return pursuit.idx.gather(1, order), pursuit.w.gather(1, order).float()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -319,8 +339,9 @@ def select_omp(Q: Tensor, K: Tensor, t: int, scale: float, bias: Tensor | None =
                max_rounds: int = 3, active_set_iters: int = ACTIVE_SET_ITERS) -> Tensor:
     """Greedy OMP on the exp-space mass residual (see `_MassPursuit`): idx [H, t], ascending."""
     E, _ = shifted_exp(Q, K, scale, bias)
-    return _pursue(E, E.sum(-1), t, _unbiasing(K, bias), k_choice, refit_every, beta_max, drop_below, max_rounds,
-                   active_set_iters)[0]
+    budgets = torch.full(K.shape[:1], t, device=K.device)
+    return _pursue(E, E.sum(-1), budgets, t, _unbiasing(K, bias), k_choice, refit_every, beta_max, drop_below,
+                   max_rounds, active_set_iters)[0]
 
 
 def fit_beta(Q: Tensor, K: Tensor, idx: Tensor, scale: float, bias: Tensor | None = None, lo: float | None = -3.0,
@@ -328,9 +349,9 @@ def fit_beta(Q: Tensor, K: Tensor, idx: Tensor, scale: float, bias: Tensor | Non
     """β [H, t] for the keys K[idx]: bounded LS fit of the shifted mass with lo ≤ β ≤ hi
     (lo None: w = exp(β) ≥ 1e-12; hi None: no upper bound)."""
     E, _ = shifted_exp(Q, K, scale, bias)
-    unbiasing = _unbiasing(K, bias)
-    w = _fit_weights(E, E.sum(-1), idx, unbiasing, *_weight_bounds(lo, hi), pgd_iters, active_set_iters)
-    return _to_beta(w, unbiasing.gather(1, idx))
+    slot_unbiasing = _unbiasing(K, bias).gather(1, idx)
+    w = _fit_weights(E, E.sum(-1), idx, slot_unbiasing, *_weight_bounds(lo, hi), pgd_iters, active_set_iters)
+    return _to_beta(w, slot_unbiasing)
 
 
 def fit_values(Q: Tensor, K: Tensor, V: Tensor, idx: Tensor, beta: Tensor, scale: float, bias: Tensor | None = None,
@@ -378,25 +399,26 @@ STAGES = ("reference", "selection", "beta", "values", "stats")
 
 @dataclass
 class CompactResult:
-    keys: Tensor  # [H, t, d], rows of K
-    beta: Tensor  # [H, t]
-    values: Tensor  # [H, t, dv]
-    idx: Tensor  # [H, t], ascending positions in K
+    keys: Tensor  # [H, t, d], rows of K; padding slots (past a head's budget, always last) hold 0
+    beta: Tensor  # [H, t], −inf on padding slots
+    values: Tensor  # [H, t, dv], 0 on padding slots
+    idx: Tensor  # [H, t], positions in K, ascending over each head's real slots
     output_error: Tensor  # [H], mean relative output error on the fitting queries
     mass_error: Tensor  # [H], mean |mass ratio − 1| on the fitting queries
     seconds: dict[str, float]  # wall time per stage (STAGES), summed over head chunks
 
 
 def _fixed_indices(selector: str, H: int, T: int, t: int, seed: int) -> Tensor | None:
-    """Indices of the selectors that never look at the data: [H, t] ascending, on the CPU (None for the others)."""
+    """Indices of the selectors that never look at the data, most wanted first (a head with budget b keeps the
+    first b): [H, t], on the CPU (None for the other selectors)."""
     if selector == "random":
         generator = torch.Generator().manual_seed(seed)
-        return _top_keys(torch.rand(H, T, generator=generator), t)
+        return torch.rand(H, T, generator=generator).topk(t, dim=-1).indices
     if selector == "first":
         return torch.arange(t).expand(H, t)
-    if selector == "streaming":
+    if selector == "streaming":  # the sinks, then the newest slots, newest first
         sinks = min(SINKS, t)
-        return torch.cat([torch.arange(sinks), torch.arange(T - t + sinks, T)]).expand(H, t)
+        return torch.cat([torch.arange(sinks), torch.arange(T - 1, T - 1 - t + sinks, -1)]).expand(H, t)
     return None
 
 
@@ -412,8 +434,8 @@ def _errors(out: Tensor, lse: Tensor, ref_out: Tensor, ref_lse: Tensor) -> tuple
     return relative.mean(-1), (lse - ref_lse).exp().sub(1).abs().mean(-1)
 
 
-def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, t: int, scale: float, bias: Tensor | None, method: Method,
-                   fixed_idx: Tensor | None, seconds: dict[str, float]) -> tuple[Tensor, ...]:
+def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, scale: float, bias: Tensor | None,
+                   method: Method, fixed_idx: Tensor | None, seconds: dict[str, float]) -> tuple[Tensor, ...]:
     clock = time.perf_counter()
 
     def lap(stage: str) -> None:
@@ -428,32 +450,31 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, t: int, scale: float, bias: 
     unbiasing = _unbiasing(K, bias)
     lap("reference")
 
+    real = _real_slots(budgets, t)  # [h, t]
     weights = None
-    if fixed_idx is not None:
-        idx = fixed_idx.to(K.device)
-    elif method.selector == "attention":
-        scores = _attention_scores(E, mass, method.score)  # [h, T]
-        if method.pool > 1:  # neighbours of a strong key count as strong: [h, 1, T] -> [h, T]
-            scores = torch.nn.functional.max_pool1d(scores[:, None], method.pool, stride=1, padding=method.pool // 2)[:, 0]
-        idx = _top_keys(scores, t)
-    elif method.selector == "omp":
-        idx, weights = _pursue(E, mass, t, unbiasing, method.k_choice, method.refit_every, method.beta_max,
+    if method.selector == "omp":
+        idx, weights = _pursue(E, mass, budgets, t, unbiasing, method.k_choice, method.refit_every, method.beta_max,
                                method.drop_below, method.max_rounds, method.active_set_iters)
     else:
-        raise ValueError(f"unknown selector {method.selector!r}")
-    keys = _rows(K, idx)
+        ranked = fixed_idx.to(K.device) if fixed_idx is not None else _ranked_keys(E, mass, t, method)  # [h, t]
+        idx = ranked.gather(1, _real_first(ranked, real))  # each head keeps its first budgets[h] ranked keys
+    keys = _rows(K, idx).masked_fill(~real[..., None], 0.0)
+    slot_unbiasing = unbiasing.gather(1, idx) * real  # [h, t], 0 on padding slots
     lap("selection")
 
     if not method.fit:
         beta = bias.gather(1, idx) if bias is not None else torch.zeros(idx.shape, device=K.device)
+        beta = beta.masked_fill(~real, -math.inf)
     else:
         if weights is None:
-            weights = _fit_weights(E, mass, idx, unbiasing, *_weight_bounds(method.lo, method.hi),
+            weights = _fit_weights(E, mass, idx, slot_unbiasing, *_weight_bounds(method.lo, method.hi),
                                    method.pgd_iters, method.active_set_iters)
-        beta = _to_beta(weights, unbiasing.gather(1, idx))
+        beta = _to_beta(weights, slot_unbiasing)
     lap("beta")
 
+    # fitted values of padding slots solve to 0 (their softmax column is 0); evicted ones are zeroed here
     values = _fit_values(Q, keys, beta, scale, ref_out, method.ridge) if method.fit else _rows(V, idx)
+    values = values.masked_fill(~real[..., None], 0.0)
     lap("values")
 
     output_error, mass_error = _errors(*attend(Q, keys, values, scale, beta), ref_out, ref_lse)
@@ -461,13 +482,28 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, t: int, scale: float, bias: 
     return keys, beta, values, idx, output_error, mass_error
 
 
+def _ranked_keys(E: Tensor, mass: Tensor, t: int, method: Method) -> Tensor:
+    """The t keys with the highest attention score, best first: [h, t]."""
+    scores = _attention_scores(E, mass, method.score)  # [h, T]
+    if method.pool > 1:  # neighbours of a strong key count as strong: [h, 1, T] -> [h, T]
+        scores = torch.nn.functional.max_pool1d(scores[:, None], method.pool, stride=1, padding=method.pool // 2)[:, 0]
+    return scores.topk(t, dim=-1).indices
+
+
 def compact(Q: Tensor, K: Tensor, V: Tensor, t: int, scale: float, bias: Tensor | None = None,
-            method: str = "hak", seed: int = 0, chunk_bytes: int = CHUNK_BYTES, **knobs) -> CompactResult:
+            method: str = "hak", seed: int = 0, chunk_bytes: int = CHUNK_BYTES, budgets: Tensor | None = None,
+            **knobs) -> CompactResult:
     """Compact K, V ([H, T, d], [H, T, dv]) to t slots per head with a named method (see METHODS);
-    `knobs` override the method's fields. Works in float32; heads are solved in memory-bounded chunks."""
+    `knobs` override the method's fields. Works in float32; heads are solved in memory-bounded chunks.
+    `budgets` [H] (integers in [1, t]) gives head h only budgets[h] real slots, the rest of its t slots padding:
+    a head's block equals that of compacting it alone to its budget, padded (see the module docstring)."""
     H, T, _ = K.shape
     if not 0 < t <= T:
         raise ValueError(f"t must be in [1, {T}], got {t}")
+    budgets = torch.full((H,), t) if budgets is None else budgets.long()
+    if budgets.shape != (H,) or budgets.min() < 1 or budgets.max() > t:
+        raise ValueError(f"budgets must be {H} integers in [1, {t}], got shape {tuple(budgets.shape)}")
+    budgets = budgets.to(K.device)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     config = dataclasses.replace(METHODS[method], **knobs)
@@ -477,9 +513,10 @@ def compact(Q: Tensor, K: Tensor, V: Tensor, t: int, scale: float, bias: Tensor 
     seconds = dict.fromkeys(STAGES, 0.0)
     parts = []
     for heads in _head_chunks(H, Q.shape[1], T, chunk_bytes):
-        parts.append(_compact_chunk(Q[heads], K[heads], V[heads], t, scale, bias[heads] if bias is not None else None,
-                                    config, fixed_idx[heads] if fixed_idx is not None else None, seconds))
-    keys, beta, values, idx, output_error, mass_error = (torch.cat(tensors) for tensors in zip(*parts))
+        parts.append(_compact_chunk(Q[heads], K[heads], V[heads], budgets[heads], t, scale,
+                                    bias[heads] if bias is not None else None, config,
+                                    fixed_idx[heads] if fixed_idx is not None else None, seconds))
+    keys, beta, values, idx, output_error, mass_error = (torch.cat(tensors) for tensors in zip(*parts, strict=True))
     return CompactResult(keys, beta, values, idx, output_error, mass_error, seconds)
 
 
@@ -492,5 +529,5 @@ def evaluate(Q: Tensor, K: Tensor, V: Tensor, bias: Tensor | None, keys: Tensor,
         reference = attend(Q[heads], K[heads], V[heads], scale, bias[heads].float() if bias is not None else None)
         compacted = attend(Q[heads], keys[heads].float(), values[heads].float(), scale, beta[heads].float())
         parts.append(_errors(*compacted, *reference))
-    output_error, mass_error = (torch.cat(tensors) for tensors in zip(*parts))
+    output_error, mass_error = (torch.cat(tensors) for tensors in zip(*parts, strict=True))
     return output_error, mass_error

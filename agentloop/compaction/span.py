@@ -30,7 +30,8 @@ class NamedMethod:
 
 
 NAMED_METHODS: dict[str, NamedMethod] = {
-    "am-hak-fast": NamedMethod("hak", (("repeat", 1.0),), "repeat-prefill queries, highest-attention keys, β and values fit"),
+    "am-hak-fast": NamedMethod("hak", (("repeat", 1.0),),
+                               "repeat-prefill queries, highest-attention keys, β and values fit"),
     "am-hak": NamedMethod("hak", SS_PLUS_REPEAT, "self-study + repeat queries, highest-attention keys"),
     "am-omp-fast": NamedMethod("omp-fast", SS_PLUS_REPEAT, "self-study + repeat queries, OMP keys 4 per step"),
     "am-omp": NamedMethod("omp", SS_PLUS_REPEAT, "self-study + repeat queries, OMP keys on the mass residual"),
@@ -47,7 +48,7 @@ class SpanStats:
     method: str
     start: int
     end: int
-    kept: int  # slots per head after compaction
+    kept: int  # slots the span now holds in the longest layer (every head, padding included)
     queries: int  # reference queries per KV head
     seconds: dict[str, float]
     output_error: torch.Tensor  # [layers, kv_heads] mean relative attention-output error on the fitting queries
@@ -55,9 +56,12 @@ class SpanStats:
     bytes_before: int = 0
     bytes_after: int = 0
     layers: list[int] = field(default_factory=list)
+    layer_slots: list[int] = field(default_factory=list)  # slots the span holds per layer (= its largest head budget)
+    padding_fraction: float = 0.0  # padding slots / all slots written (non-uniform budgets)
 
     def summary(self) -> dict:
         return {"method": self.method, "span": [self.start, self.end], "kept": self.kept, "queries": self.queries,
+                "layer_slots": self.layer_slots, "padding_fraction": round(self.padding_fraction, 4),
                 "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
                 "output_error": round(float(self.output_error.mean()), 6),
                 "mass_error": round(float(self.mass_error.mean()), 6),
@@ -111,13 +115,16 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                  queries: dict[int, torch.Tensor] | None = None, sources: QuerySources | None = None,
                  context_ids: list[int] | None = None,
                  max_queries: int | None = 4096, seed: int = 0, chunk: int | None = None,
-                 memo: dict[str, dict] | None = None, **knobs) -> SpanStats:
+                 memo: dict[str, dict] | None = None, budgets: torch.Tensor | None = None, **knobs) -> SpanStats:
     """Replace physical slots [start, end) of every compactable layer by a compacted block.
 
     `queries` (ready-made) or `sources` ((name, weight) pairs) override the method's query sources; `memo`
-    reuses sources already collected for this context (several compactions of one context); `context_ids` is the text repeat-prefill copies
-    (default: every token the session has seen); `chunk` compacts contiguous chunks of that many slots
-    independently (long spans); `knobs` override solver settings (e.g. lo/hi bounds of β)."""
+    reuses sources already collected for this context (several compactions of one context); `context_ids` is the
+    text repeat-prefill copies (default: every token the session has seen); `chunk` compacts contiguous chunks of
+    that many slots independently (long spans); `knobs` override solver settings (e.g. lo/hi bounds of β).
+    `budgets` [layers, kv_heads] (slots per compactable head, see compaction.budgets.head_budgets) replaces the
+    uniform `target`: each layer then holds the span at its largest head budget, and its other heads are
+    padded with slots of key 0, value 0 and β = −inf (no attention, but they count toward the bytes)."""
     if method not in NAMED_METHODS:
         raise ValueError(f"unknown compaction method {method!r}; choose one of {', '.join(NAMED_METHODS)}")
     named = NAMED_METHODS[method]
@@ -125,13 +132,15 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     span_len = end - start
     if not 0 <= start < end <= cache.physical_len:
         raise ValueError(f"span [{start}, {end}) is outside the {cache.physical_len} slots held")
-    kept = target_slots(span_len, target)
+    heads = cache.kv_heads
+    slots = _head_slots(budgets, target_slots(span_len, target), len(layers), heads, span_len)  # [layers * kv_heads]
     bytes_before = cache.nbytes()
 
     tic = time.perf_counter()
     sources = named.queries if sources is None else sources
     if queries is None and sources:
-        queries = reference_queries(session, sources, context_ids, max_queries, seed, memo, min_rows=QUERIES_PER_SLOT * kept)
+        queries = reference_queries(session, sources, context_ids, max_queries, seed, memo,
+                                    min_rows=QUERIES_PER_SLOT * int(slots.max()))
     seconds = {"queries": time.perf_counter() - tic}
 
     # every compactable layer stacked: [layers * kv_heads, T, d]; scale is the model's own (same for all layers)
@@ -146,27 +155,51 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     scale = session.model.model.layers[layers[0]].self_attn.scaling
 
     bounds = _chunks(span_len, chunk)
-    parts = []
+    parts, real = [], []
     for lo, hi in bounds:
-        t = max(1, round(kept * (hi - lo) / span_len)) if len(bounds) > 1 else kept
+        share = slots.double() * (hi - lo) / span_len  # each head's budget, shared out in proportion to the chunks
+        part_slots = slots if len(bounds) == 1 else share.round().long().clamp(1, hi - lo)
+        t = int(part_slots.max())
         parts.append(compact(Q, keys[:, lo:hi], values[:, lo:hi], t, scale,
-                             bias=beta[:, lo:hi] if beta is not None else None, method=named.solver, seed=seed, **knobs))
-    new_keys = torch.cat([p.keys for p in parts], dim=1)  # [layers * kv_heads, t, d]
-    new_values = torch.cat([p.values for p in parts], dim=1)
-    new_beta = torch.cat([p.beta for p in parts], dim=1)  # [layers * kv_heads, t]
+                             bias=beta[:, lo:hi] if beta is not None else None, method=named.solver, seed=seed,
+                             budgets=part_slots, **knobs))
+        real.append(torch.arange(t) < part_slots[:, None])  # [layers * kv_heads, t]
+    # each head's real slots first (chunk by chunk), its padding last: [layers * kv_heads, t_all, ...]
+    order = (~torch.cat(real, dim=1)).int().argsort(dim=-1, stable=True).to(keys.device)
+    new_keys = _gather_slots(torch.cat([p.keys for p in parts], dim=1), order)
+    new_values = _gather_slots(torch.cat([p.values for p in parts], dim=1), order)
+    new_beta = torch.cat([p.beta for p in parts], dim=1).gather(1, order)
     for stage in parts[0].seconds:
         seconds[stage] = sum(p.seconds[stage] for p in parts)
 
-    heads = cache.kv_heads
-    for n, layer_idx in enumerate(layers):
+    real_slots = torch.cat(real, dim=1).sum(1).view(len(layers), heads)
+    layer_slots = real_slots.amax(1).tolist()  # each layer keeps the span at its largest head budget
+    for n, (layer_idx, length) in enumerate(zip(layers, layer_slots, strict=True)):
         rows = slice(n * heads, (n + 1) * heads)
-        cache.replace(layer_idx, start, end, new_keys[None, rows], new_values[None, rows], new_beta[None, rows])
+        cache.replace(layer_idx, start, end, new_keys[None, rows, :length], new_values[None, rows, :length],
+                      new_beta[None, rows, :length])
     output_error = torch.stack([p.output_error for p in parts]).mean(0).view(len(layers), heads)
     mass_error = torch.stack([p.mass_error for p in parts]).mean(0).view(len(layers), heads)
     seconds["total"] = time.perf_counter() - tic
-    return SpanStats(method=method, start=start, end=end, kept=new_keys.shape[1], queries=Q.shape[1],
+    return SpanStats(method=method, start=start, end=end, kept=max(layer_slots), queries=Q.shape[1],
                      seconds=seconds, output_error=output_error, mass_error=mass_error,
-                     bytes_before=bytes_before, bytes_after=cache.nbytes(), layers=list(layers))
+                     bytes_before=bytes_before, bytes_after=cache.nbytes(), layers=list(layers),
+                     layer_slots=layer_slots, padding_fraction=1 - int(real_slots.sum()) / (heads * sum(layer_slots)))
+
+
+def _gather_slots(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """x[h, order[h]]: [H, t, d], [H, t] -> [H, t, d]."""
+    return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _head_slots(budgets: torch.Tensor | None, kept: int, layers: int, heads: int, span_len: int) -> torch.Tensor:
+    """Slots per stacked head [layers * kv_heads]: the budgets, or `kept` for every head."""
+    if budgets is None:
+        return torch.full((layers * heads,), kept)
+    if budgets.shape != (layers, heads) or budgets.min() < 1 or budgets.max() > span_len:
+        raise ValueError(f"budgets must be [{layers}, {heads}] (compactable layers, KV heads) slot counts in "
+                         f"[1, {span_len}], got shape {tuple(budgets.shape)}")
+    return budgets.long().cpu().flatten()
 
 
 def _stacked_beta(cache, layers: list[int], start: int, end: int) -> torch.Tensor | None:
