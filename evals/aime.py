@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="am", help="memory policy at the cap (am, h2o, snapkv, none, ...)")
     parser.add_argument("--ratio", type=float, help="policy option: fraction of the region kept per compaction")
     parser.add_argument("--protect-recent", type=int, help="policy option: newest tokens kept verbatim")
-    parser.add_argument("--queries", help="policy option: repeat, recorded or repeat+recorded")
+    parser.add_argument("--queries", default="repeat",
+                        help="policy option: repeat (the paper's protocol, default), recorded or repeat+recorded")
     parser.add_argument("--max-compactions", type=int, help="policy option: then stop at the cap and answer")
     parser.add_argument("--max-new-tokens", type=int, default=32768, help="thinking tokens at most")
     parser.add_argument("--samples", type=int, default=1, help="samples per problem (seeds seed, seed+1, ...)")

@@ -18,19 +18,21 @@ import torch
 
 PROMPT = ("Write a long, detailed essay about how a small town changed over one hundred years: its people, "
           "its work, its buildings and its stories. Use many names, dates and numbers.")
-DEFAULT_POLICIES = ("am", "am-recorded", "h2o", "snapkv", "streaming", "truncate")
-REPETITION_PENALTY = 1.3  # a tiny model's sampled text otherwise falls into loops that any policy predicts
+DEFAULT_POLICIES = ("am-repeat", "am-both", "am-recorded", "h2o", "snapkv", "streaming", "truncate")
+REPETITION_PENALTY = 1.1  # a tiny model's sampled text otherwise falls into loops that any policy predicts
 AFTER = 6  # report the continuation after this many compactions separately
 
 
-def policy_for(name: str, seed: int):
-    """The named policy of this benchmark: `am-recorded` is `am` with decode-time queries."""
+def policy_for(name: str, seed: int, protect_recent: int = 20):
+    """The named policy of this benchmark: `am-repeat`, `am-recorded` and `am-both` are `am` with repeat-prefill
+    queries, decode-time queries, or both (`am`'s default)."""
     from agentloop.policies import make_policy
 
-    if name == "am-recorded":
-        return make_policy("am", queries="recorded", seed=seed)
+    if name in ("am-repeat", "am-recorded", "am-both"):
+        queries = {"am-repeat": "repeat", "am-recorded": "recorded", "am-both": "repeat+recorded"}[name]
+        return make_policy("am", queries=queries, seed=seed, protect_recent=protect_recent)
     if name in ("am", "h2o", "snapkv"):
-        return make_policy(name, seed=seed)
+        return make_policy(name, seed=seed, protect_recent=protect_recent)
     return make_policy(name)
 
 
@@ -76,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mem-cap", default="512tok", help="cap of the replays (must force >= 6 compactions)")
     parser.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES))
     parser.add_argument("--chunk", type=int, default=16, help="teacher-forcing chunk (the policy acts between chunks)")
+    parser.add_argument("--protect-recent", type=int, default=20, help="newest tokens am/h2o/snapkv keep verbatim")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="online_fidelity", help="results name in evals/results")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, curves = {}, {}
     for name in args.policies:
         capped, events, seconds, session = replay(loaded, prompt_ids, continuation, args.mem_cap,
-                                                  policy_for(name, args.seed), args.chunk)
+                                                  policy_for(name, args.seed, args.protect_recent), args.chunk)
         metrics = compare(reference, capped, targets)
         after = events[AFTER - 1]["position"] if len(events) >= AFTER else None
         row = {"events": len(events), "peak_bytes": session.peak_bytes, "cap_bytes": session.cap_bytes,
@@ -117,11 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         from agentloop.evals import results_dir, write_results
 
-        write_results("online_fidelity", {"benchmark": "online-fidelity", "config": vars(args),
+        write_results(args.out, {"benchmark": "online-fidelity", "config": vars(args),
                                           "prompt_tokens": len(prompt_ids), "continuation": continuation,
                                           "uncapped_nll": ref_nll, "uncapped_seconds": round(uncapped_s, 1),
                                           "policies": rows, "top1_per_position": curves}, text)
-        _plot(curves, rows, results_dir() / "online_fidelity.png", args.mem_cap)
+        _plot(curves, rows, results_dir() / f"{args.out}.png", args.mem_cap)
     return 0
 
 
@@ -150,8 +154,9 @@ def _markdown(args, argv, rows: dict, ref_nll: float, n: int, prompt_tokens: int
     if medians:
         lines += ["", "Median fit error per compaction (relative attention-output error on the fitting queries): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in medians.items()) + "."]
-    lines += ["", ("`am` = Attention Matching (am-hak-fast, repeat-prefill queries of the whole context, ratio 0.5, "
-              "20 newest tokens protected); `am-recorded` = the same with the queries of the newest 256 tokens; "
+    lines += ["", (f"`am-repeat` = Attention Matching (am-hak-fast, ratio 0.5, {args.protect_recent} newest tokens "
+                   "protected) with repeat-prefill queries of the whole context (the paper's protocol); `am-recorded` = "
+                   "the same with the queries of the newest 256 tokens; `am-both` = both sources (policy `am`'s default); "
               "`h2o`/`snapkv` = eviction at the same schedule scored by the newest 256 tokens' queries; `streaming` = "
               "4 sinks + recent window; `truncate` = keeps the prompt, drops the oldest tokens after it."),
               "", f"Reproduce: `{command}`"]
@@ -171,9 +176,9 @@ def _plot(curves: dict[str, list[float]], rows: dict, path, cap: str) -> None:
         rolling = values.unfold(0, window, 1).mean(-1) if len(values) >= window else values
         style = "-" if name.startswith("am") else "--"
         ax.plot(range(window - 1, window - 1 + len(rolling)), rolling.tolist(), style, lw=1.2, label=name)
-    for event in rows.get("am", {}).get("compactions", []):
+    for event in next(iter(rows.values()), {}).get("compactions", []):
         ax.axvline(event["position"], color="grey", lw=0.5, alpha=0.5)
-    ax.set_xlabel("continuation position (grey: am compactions)")
+    ax.set_xlabel(f"continuation position (grey: {next(iter(rows), '')} actions)")
     ax.set_ylabel(f"top-1 agreement with uncapped ({window}-token mean)")
     ax.set_title(f"Teacher-forced replay under a {cap} cap")
     ax.set_ylim(0, 1.02)

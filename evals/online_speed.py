@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tokens", type=int, default=1200)
     parser.add_argument("--mem-cap", default="256tok")
-    parser.add_argument("--configs", nargs="+", default=["am", "am-recorded"], help="policies run under the cap")
+    parser.add_argument("--configs", nargs="+", default=["am-repeat", "am-both", "am-recorded"], help="policies run under the cap")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true")

@@ -15,7 +15,7 @@ import time
 from agentloop.evals.passkey import ANSWER_PREFIX, QUESTION, answer, correct, wilson
 
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-DEFAULT_POLICIES = ("am", "full", "am-recorded", "h2o", "snapkv", "streaming")  # the first sets the schedule
+DEFAULT_POLICIES = ("am-repeat", "full", "am-both", "am-recorded", "h2o", "snapkv", "streaming")  # the first sets the schedule
 
 
 def make_trial(tokenizer, rng: random.Random, prose_tokens: int):

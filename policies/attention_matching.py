@@ -31,7 +31,9 @@ class AttentionMatchingPolicy(MemoryPolicy):
     protect_recent: int = 20  # newest tokens kept verbatim
     pin_prompt: bool = False  # also keep the first prompt verbatim (e.g. a system prompt)
     method: str = "am-hak-fast"  # a compaction method of agentloop.compaction.span.NAMED_METHODS
-    queries: Literal["repeat", "recorded", "repeat+recorded"] = "repeat"  # reference queries
+    # reference queries; both sources by default: in the online-fidelity replay (evals/results/online_fidelity.md)
+    # repeat-prefill alone or recorded alone fell behind eviction, the two together matched the best of it
+    queries: Literal["repeat", "recorded", "repeat+recorded"] = "repeat+recorded"
     record_window: int = 256  # decode-time tokens whose queries `recorded` keeps
     max_queries: int = 4096  # reference queries per KV head
     max_compactions: int | None = None  # after this many, decline: the run stops at the cap (then answers)
