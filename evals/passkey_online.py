@@ -122,8 +122,8 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
         lines.append(f"| {name} | " + " | ".join("—" if c["accuracy"] is None else f"{c['accuracy']:.0%}"
                                                  for c in cells) + " |")
     command = ("agentloop eval passkey-online " + " ".join(argv or [])).strip()
-    lines += ["", ("`full` = no cap (same text, same questions); `am` = Attention Matching at ratio 0.5 with "
-                   "repeat-prefill queries; `am-recorded` = with the newest "
+    lines += ["", ("`full` = no cap (same text, same questions); `am-repeat` = Attention Matching at ratio 0.5 with "
+                   "repeat-prefill queries; `am-both` = with repeat and recorded queries; `am-recorded` = with the newest "
               "256 tokens' queries; `h2o`/`snapkv` = eviction at the same schedule; `streaming` = 4 sinks + recent "
               "window (evicts 32 slots at a time; the key leaves its window at the first eviction)."), "",
               f"95% Wilson intervals and every answer are in passkey_online.json. Reproduce: `{command}`"]
