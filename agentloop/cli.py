@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, help="overrides generation.max_new_tokens")
     run.add_argument("--seed", type=int, help="overrides generation.seed")
     run.add_argument("--trace", help="JSONL trace path (overrides the task)")
+    run.add_argument("--max-steps", type=int, help="agent tasks: model replies before the run stops (overrides the task)")
+    run.add_argument("--workspace", help="agent tasks: folder the tools work in (overrides the task)")
     out = run.add_mutually_exclusive_group()
     out.add_argument("--quiet", action="store_true", help="print only the generated text")
     out.add_argument("--json", action="store_true", help="print events as JSON lines on stdout")
@@ -109,7 +111,8 @@ def _apply_overrides(args):
 
     task = load_task(args.task)
     data = task.model_dump(exclude_unset=True)
-    for flag, key in (("model", "model"), ("dtype", "dtype"), ("device", "device"), ("trace", "trace")):
+    for flag, key in (("model", "model"), ("dtype", "dtype"), ("device", "device"), ("trace", "trace"),
+                      ("max_steps", "max_steps"), ("workspace", "workspace")):
         if getattr(args, flag) is not None:
             data[key] = getattr(args, flag)
     memory, generation = data.setdefault("memory", {}), data.setdefault("generation", {})
@@ -126,7 +129,11 @@ def _apply_overrides(args):
 
 def cmd_run(args) -> int:
     task = _apply_overrides(args)
+    if task.chat() is None and task.prompt is None:
+        raise AgentloopError(f"{args.task}: nothing to run; give `task`, `messages` or `prompt`")
     _quiet_transformers()
+    if task.tools:
+        return cmd_agent(task, args)
     from rich.console import Console
 
     from agentloop.chat import encode_messages, encode_text
@@ -190,6 +197,59 @@ def cmd_run(args) -> int:
                       + (f" of {format_bytes(stop.cap_bytes)} cap" if stop.cap_bytes else "")
                       + f"; {stop.policy_actions} policy actions; trace {trace_path}")
     return 3 if stop.error else 0
+
+
+def cmd_agent(task, args) -> int:
+    """A task with tools: the agent loop, shown as a live panel (terminal), a log, the answer only, or JSON."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from agentloop.agent import Agent
+    from agentloop.memcap import format_bytes, parse_mem_cap
+    from agentloop.view import AgentView, describe_agent_event
+
+    console = Console(stderr=True)
+    trace_path = task.trace or f".agentloop/traces/{task.name or 'task'}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    agent = Agent(task, trace=trace_path)
+    chatty = not (args.json or args.quiet)
+    if chatty:
+        cap = parse_mem_cap(task.memory.cap) if task.memory.cap else None
+        console.print(describe_memory(agent.loaded.model.config, agent.loaded.dtype, cap))
+        ingest = task.memory.ingest
+        console.print(f"agent: tools {', '.join(t.name for t in agent.tools)}; workspace {agent.workspace}; policy "
+                      f"{agent.session.policy.name}; ingestion "
+                      + (f"over {ingest.trigger_tokens} tokens to {ingest.ratio:g}" if ingest else "off")
+                      + f"; trace {trace_path}")
+    view = AgentView(console, f"{task.name} · {agent.loaded.name} · {agent.session.policy.name}",
+                     agent.session.cap_bytes, task.max_steps).__enter__() if chatty and console.is_terminal else None
+    events, finish = agent.events(), None
+    try:
+        for event in events:
+            if args.json:
+                print(event.model_dump_json(), flush=True)
+            elif view:
+                view.update(event)
+            elif chatty and (line := describe_agent_event(event)):
+                console.print(line)
+            finish = event if event.kind == "finish" else finish
+    finally:
+        events.close()  # an interrupted run still ends its trace with a `cancelled` record
+        if view:
+            view.__exit__(None, None, None)
+        agent.close()
+
+    if finish.reason == "error":
+        print(f"agentloop: error: {finish.message}", file=sys.stderr)
+        return 2
+    if not args.json and finish.answer:
+        print(finish.answer)
+    if chatty:
+        console.print(f"[bold]finish[/]: {finish.reason}{' - ' + escape(finish.message) if finish.message else ''}; "
+                      f"{finish.steps} steps, {finish.tool_calls} tool calls, {finish.ingestions} ingestion and "
+                      f"{finish.policy_actions} online compactions; peak cache {format_bytes(finish.peak_bytes)}"
+                      + (f" of {format_bytes(finish.cap_bytes)} cap" if finish.cap_bytes else "")
+                      + f"; trace {trace_path}")
+    return 3 if finish.error else 0
 
 
 def _events(session, prompt, settings):

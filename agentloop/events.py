@@ -1,4 +1,4 @@
-"""Events the decode loop yields; the CLI view, the JSONL trace and embedding code consume them."""
+"""Events the decode loop and the agent loop yield; the CLI view, the JSONL trace and embedding code consume them."""
 
 from __future__ import annotations
 
@@ -69,4 +69,73 @@ class StopEvent(_Event):
     policy_actions: int
 
 
-Event = Union[PrefillEvent, TokenEvent, PauseEvent, PolicyEvent, StopEvent]
+# --- the agent loop (agentloop/agent.py) ---------------------------------------------------------
+class MessageEvent(_Event):
+    """A message joined the transcript (system, user, the assistant's reply, a tool result)."""
+
+    kind: Literal["message"] = "message"
+    step: int = Field(description="the agent step (model reply) it belongs to; 0 = before the first reply")
+    message: dict[str, Any] = Field(description="OpenAI style: role, content, and tool_calls / tool_call_id, name")
+
+
+class ToolCallEvent(_Event):
+    kind: Literal["tool_call"] = "tool_call"
+    step: int
+    call_id: str
+    tool: str
+    arguments: dict[str, Any]
+
+
+class ToolResultEvent(_Event):
+    """A tool call finished, or a malformed call was answered with an error (tool `error`)."""
+
+    kind: Literal["tool_result"] = "tool_result"
+    step: int
+    call_id: str
+    tool: str
+    ok: bool
+    error: str | None = None
+    chars: int
+    seconds: float
+    truncated: bool = False
+
+
+class IngestEvent(_Event):
+    """A long tool result was compacted right after it was prefilled (or why it was not)."""
+
+    kind: Literal["ingest"] = "ingest"
+    step: int
+    call_id: str
+    tool: str
+    tokens: int = Field(description="tokens of the tool result")
+    span: list[int] = Field(default_factory=list, description="physical slots [start, end) compacted")
+    slots_before: int = 0
+    slots_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    seconds: float = 0.0
+    output_error: float | None = None
+    mass_error: float | None = None
+    skipped: str | None = Field(None, description="why the result was not compacted")
+    details: dict[str, Any] = Field(default_factory=dict, description="SpanStats.summary() of the compaction")
+
+
+class FinishEvent(_Event):
+    """The agent run ended."""
+
+    kind: Literal["finish"] = "finish"
+    reason: Literal["final_answer", "max_steps", "stop_condition", "mem_cap", "error", "cancelled"]
+    error: bool = False
+    message: str = ""
+    answer: str = Field(description="the final reply without tool-call markup ('' unless reason is final_answer)")
+    steps: int
+    tool_calls: int
+    ingestions: int
+    policy_actions: int
+    cache_bytes: int
+    peak_bytes: int
+    cap_bytes: int | None
+
+
+Event = Union[PrefillEvent, TokenEvent, PauseEvent, PolicyEvent, StopEvent, MessageEvent, ToolCallEvent,
+              ToolResultEvent, IngestEvent, FinishEvent]

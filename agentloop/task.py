@@ -1,18 +1,23 @@
-"""task.yaml: what to run (model, prompt, generation settings, memory policy), validated by pydantic."""
+"""task.yaml: what to run (model, prompt, generation settings, memory policy, agent tools), validated by pydantic.
+
+A task with `tools` runs the agent loop (agentloop/agent.py); one without runs a single generation."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agentloop.compaction.span import NAMED_METHODS
 from agentloop.errors import AgentloopError
 from agentloop.loop import GenerationSettings
 from agentloop.memcap import parse_mem_cap
 from agentloop.models import DEFAULT_MODEL
 from agentloop.policies import POLICIES
+from agentloop.tools import BUILTIN_TOOLS
 
 
 class Message(BaseModel):
@@ -22,12 +27,80 @@ class Message(BaseModel):
     content: str
 
 
+def _check_method(value: str | None) -> str | None:
+    if value is not None and value not in NAMED_METHODS:
+        raise ValueError(f"unknown compaction method {value!r}; choose one of {', '.join(NAMED_METHODS)}")
+    return value
+
+
+class IngestOverride(BaseModel):
+    """Per-tool changes to the ingestion settings (fields left out keep the general value)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trigger_tokens: int | None = Field(None, ge=1)
+    ratio: float | None = Field(None, gt=0, lt=1)
+    keep_first: int | None = Field(None, ge=0)
+    keep_last: int | None = Field(None, ge=0)
+    method: str | None = None
+
+    _method = field_validator("method")(_check_method)
+
+
+class IngestSpec(BaseModel):
+    """Tool-output compaction on ingestion: a long tool result is compacted as soon as it is prefilled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trigger_tokens: int = Field(1024, ge=1, description="compact a tool result longer than this many tokens")
+    ratio: float = Field(0.2, gt=0, lt=1, description="fraction of the result's slots kept (0.2 = 5x smaller)")
+    keep_first: int = Field(16, ge=0, description="first tokens of the result kept verbatim")
+    keep_last: int = Field(16, ge=0, description="last tokens of the result kept verbatim")
+    method: str = Field("am-hak-fast", description="a method of agentloop.compaction.span.NAMED_METHODS")
+    task_queries: bool = Field(False, description="also fit the compaction to queries of the pending task text")
+    max_queries: int = Field(4096, ge=16, description="reference queries per KV head")
+    exclude: list[str] = Field(default_factory=list, description="tools whose results are never compacted")
+    per_tool: dict[str, IngestOverride] = Field(default_factory=dict, description="tool name: overrides")
+
+    _method = field_validator("method")(_check_method)
+
+    @model_validator(mode="after")
+    def _room_to_compact(self):
+        for name in [None, *self.per_tool]:
+            resolved = self.for_tool(name) if name is None or name not in self.exclude else None
+            if resolved and resolved.trigger_tokens < resolved.keep_first + resolved.keep_last + 2:
+                where = f"per_tool.{name}." if name and name in self.per_tool else ""
+                raise ValueError(f"{where}trigger_tokens ({resolved.trigger_tokens}) must exceed keep_first + "
+                                 f"keep_last ({resolved.keep_first} + {resolved.keep_last}) by at least 2")
+        return self
+
+    def for_tool(self, name: str | None) -> IngestSpec | None:
+        """The settings for results of tool `name`, per-tool overrides applied; None if it is excluded."""
+        if name in self.exclude:
+            return None
+        override = self.per_tool.get(name) if name else None
+        if override is None:
+            return self
+        return self.model_copy(update=override.model_dump(exclude_none=True))
+
+
+_POLICY_SHORTCUTS = ("ratio", "protect_recent", "pin_prompt")
+
+
+def _option_names(policy_cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(policy_cls) if f.init}
+
+
 class MemorySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     cap: str | None = Field(None, description="KV-cache cap: 8GB, 512MiB, 1.5GB, 2e9 or 2048tok; none = uncapped")
     policy: str = Field("none", description="what to do at the cap: " + ", ".join(sorted(POLICIES)))
     options: dict[str, Any] = Field(default_factory=dict, description="the policy's own settings")
+    ratio: float | None = Field(None, gt=0, lt=1, description="am, h2o, snapkv: fraction of the compacted region kept")
+    protect_recent: int | None = Field(None, ge=0, description="am, h2o, snapkv: newest tokens never compacted")
+    pin_prompt: bool | None = Field(None, description="am, h2o, snapkv: keep the first prompt verbatim")
+    ingest: IngestSpec | None = Field(None, description="compact long tool results on ingestion; none = off")
 
     @field_validator("cap", mode="before")
     @classmethod
@@ -48,6 +121,20 @@ class MemorySpec(BaseModel):
             raise ValueError(f"unknown policy {value!r}; choose one of {', '.join(sorted(POLICIES))}")
         return value
 
+    @field_validator(*_POLICY_SHORTCUTS)
+    @classmethod
+    def _shortcut_fits_the_policy(cls, value, info):
+        policy = info.data.get("policy")
+        if value is not None and policy in POLICIES and info.field_name not in _option_names(POLICIES[policy]):
+            takes = sorted(name for name, policy_cls in POLICIES.items() if info.field_name in _option_names(policy_cls))
+            raise ValueError(f"applies to policies {', '.join(takes)}, not {policy!r}")
+        return value
+
+    def policy_options(self) -> dict[str, Any]:
+        """`options` with the ratio / protect_recent / pin_prompt shortcuts folded in."""
+        given = {key: getattr(self, key) for key in _POLICY_SHORTCUTS if getattr(self, key) is not None}
+        return {**self.options, **given}
+
 
 class TaskSpec(BaseModel):
     """One run: give `task` (a user message, optionally with `system`), `messages`, or a raw `prompt`."""
@@ -65,14 +152,44 @@ class TaskSpec(BaseModel):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     memory: MemorySpec = Field(default_factory=MemorySpec)
     trace: str | None = Field(None, description="JSONL trace path; default .agentloop/traces/<name>-<time>.jsonl")
+    # --- the agent loop: a task with tools -------------------------------------------------------
+    tools: dict[str, dict[str, Any]] = Field(default_factory=dict,
+                                             description="built-in tools: a list of names, or a mapping name: settings")
+    workspace: str | None = Field(None, description="folder the tools work in (relative to the task file); "
+                                                    "default a new .agentloop/workspaces/<name>-<time>")
+    max_steps: int = Field(10, ge=1, description="model replies per task before the run stops")
+    stop_on: list[str] = Field(default_factory=list, description="stop the run when a reply contains one of these")
+    tool_timeout_s: float | None = Field(None, gt=0, description="wait at most this long for a tool; default: its own")
+    tool_output_chars: int = Field(16000, ge=100, description="longer tool results are cut (head and tail kept)")
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _tools(cls, value):
+        if value is None:
+            return {}
+        if isinstance(value, list):
+            if not all(isinstance(name, str) for name in value):
+                raise ValueError("list tool names (strings), or map each name to its settings")
+            if len(set(value)) != len(value):
+                raise ValueError("a tool is listed twice; list each tool once")
+            value = {name: {} for name in value}
+        if not isinstance(value, dict):
+            raise ValueError("give a list of tool names, or a mapping name: settings")
+        for name in value:
+            if name not in BUILTIN_TOOLS:
+                raise ValueError(f"unknown tool {name!r}; built-in tools are: {', '.join(BUILTIN_TOOLS)}")
+        return {name: settings or {} for name, settings in value.items()}
 
     @model_validator(mode="after")
     def _one_input(self):
         given = [k for k in ("task", "messages", "prompt") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of `task`, `messages` or `prompt`" + (f" (got {', '.join(given)})" if given else ""))
-        if self.system is not None and self.task is None:
+        if len(given) > 1:
+            raise ValueError(f"give exactly one of `task`, `messages` or `prompt` (got {', '.join(given)})")
+        if self.system is not None and (self.messages is not None or self.prompt is not None):
             raise ValueError("`system` goes with `task`; put a system message inside `messages` instead")
+        if self.tools and self.prompt is not None:
+            raise ValueError("an agent task (with `tools`) talks in the chat template: give `task` or `messages`, "
+                             "not a raw `prompt`")
         return self
 
     def chat(self) -> list[dict] | None:
@@ -98,6 +215,8 @@ def load_task(path: str | Path) -> TaskSpec:
     if not isinstance(data, dict):
         raise AgentloopError(f"{path}: expected a mapping of fields (model, task, memory, ...), got {type(data).__name__}")
     data.setdefault("name", path.stem)
+    if isinstance(data.get("workspace"), str):  # relative to the task file, like an include
+        data["workspace"] = str(path.parent / data["workspace"])
     return validate_task(data, source=str(path))
 
 

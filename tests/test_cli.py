@@ -128,3 +128,57 @@ def test_info_reports_bytes_per_token(smollm2):
     assert result.returncode == 0, result.stderr
     # SmolLM2-135M: 30 layers x 3 KV heads x 64 dims x 2 x 4 bytes = 46,080 B/token in fp32
     assert "46,080 B/token" in result.stdout and "2,048 cache slots" in result.stdout
+
+
+# ---- agent tasks (a task with `tools`)
+
+AGENT = """
+    model: smollm2-135m
+    task: List the files in the workspace.
+    tools: [list_dir]
+    max_steps: 2
+    generation: {max_new_tokens: 8}
+"""
+
+
+@pytest.mark.parametrize("change,needles", [
+    (("[list_dir]", "[list_dir, browser]"), ["field `tools`", "browser"]),
+    (("max_steps: 2", "max_steps: 2\n    memory: {policy: streaming, ratio: 0.5}"), ["memory.ratio"]),
+    (("max_steps: 2", "max_steps: 2\n    memory: {ingest: {ratio: 3}}"), ["memory.ingest.ratio"]),
+    (("tools: [list_dir]", "tools: {shell: {}}"), ["shell tool is off", "enabled: true"]),
+])
+def test_agent_task_errors_are_one_line(tmp_path, change, needles):
+    task = write_task(tmp_path, AGENT.replace(*change))
+    _one_line_error(agentloop("run", task, "--workspace", str(tmp_path)), *needles)
+
+
+def test_agent_run_json_events_and_a_complete_trace(tmp_path, smollm2):
+    trace = tmp_path / "agent.jsonl"
+    task = write_task(tmp_path, AGENT)
+    result = agentloop("run", task, "--json", "--trace", str(trace), "--workspace", str(tmp_path), "--max-steps", "1")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "message" and kinds[-1] == "finish" and "token" in kinds
+    assert events[-1]["reason"] in ("final_answer", "max_steps") and events[-1]["steps"] == 1
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert records[0]["kind"] == "run" and records[0]["agent"] is True
+    assert [r["kind"] for r in records[1:]] == [k for k in kinds if k != "token"]
+
+
+def test_agent_ctrl_c_ends_the_trace_and_exits_130(tmp_path, smollm2):
+    import signal
+    import time
+
+    trace = tmp_path / "agent.jsonl"
+    task = write_task(tmp_path, AGENT.replace("max_new_tokens: 8", "max_new_tokens: 4000, ignore_eos: true"))
+    process = subprocess.Popen([sys.executable, "-m", "agentloop.cli", "run", task, "--quiet", "--trace", str(trace),
+                                "--workspace", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (trace.exists() and len(trace.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    last = json.loads(trace.read_text().splitlines()[-1])
+    assert (last["kind"], last["reason"]) == ("finish", "cancelled")

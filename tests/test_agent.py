@@ -1,0 +1,286 @@
+"""The agent loop with scripted replies, teacher-forced through a real session.
+
+Most tests run a tiny random model behind the real SmolLM2 tokenizer and chat template: the replies are
+scripted (a tiny model's own text would be noise), but rendering, prefill, cache accounting, tool calls and
+ingestion compaction all run for real. One test runs the same path on SmolLM2 itself."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from agentloop import Agent, AgentloopError
+from agentloop.cache import bytes_per_token
+from agentloop.models import LoadedModel
+
+REPORT = Path(__file__).resolve().parent.parent / "examples" / "research" / "harbor.txt"  # ~2,300 SmolLM2 tokens
+
+
+def call(name: str, **arguments) -> str:
+    return f'<tool_call>{json.dumps({"name": name, "arguments": arguments})}</tool_call>'
+
+
+def script(*replies: str | None):
+    """A reply_fn that plays `replies` in order (None: let the model decode that reply)."""
+    queue = list(replies)
+    return lambda transcript: queue.pop(0)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(smollm2) -> LoadedModel:
+    """A 2-layer random Llama with SmolLM2's vocabulary, tokenizer and chat template."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smollm2.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
+    return LoadedModel(model=LlamaForCausalLM(config).eval(), tokenizer=smollm2.tokenizer, name="tiny-chat",
+                       source="config")
+
+
+@pytest.fixture
+def workspace(tmp_path) -> Path:
+    (tmp_path / "notes.txt").write_text("Buy milk.\n")
+    (tmp_path / "report.txt").write_text(REPORT.read_text())
+    (tmp_path / "short.txt").write_text(REPORT.read_text()[:3500])  # ~800 tokens
+    return tmp_path
+
+
+def make_agent(loaded, workspace, *replies, **fields) -> Agent:
+    fields.setdefault("task", "What do my notes say?")
+    fields.setdefault("tools", ["read_file", "list_dir"])
+    return Agent(loaded=loaded, workspace=str(workspace), reply_fn=script(*replies), **fields)
+
+
+def full_render(agent: Agent) -> list[int]:
+    """The whole transcript rendered at once, as a fresh run would prefill it."""
+    return agent._chat.encode(agent._chat.render(agent.transcript))
+
+
+def test_multi_step_run_feeds_each_token_once(tiny_chat, workspace):
+    agent = make_agent(tiny_chat, workspace, call("list_dir"), call("read_file", path="notes.txt"),
+                       call("read_file", path="notes.txt", start_line=1) + call("list_dir", path="."),
+                       "Your notes say: buy milk.")
+    events = list(agent.events())
+    finish = events[-1]
+    assert (finish.kind, finish.reason, finish.answer) == ("finish", "final_answer", "Your notes say: buy milk.")
+    assert (finish.steps, finish.tool_calls) == (4, 4)
+    roles = [m["role"] for m in agent.transcript]
+    assert roles == ["user", "assistant", "tool", "assistant", "tool", "assistant", "tool", "tool", "assistant"]
+    assert agent.transcript[4]["content"] == "Buy milk.\n"
+    assert agent.transcript[3]["tool_calls"][0]["function"] == {"name": "read_file", "arguments": {"path": "notes.txt"}}
+    # the cache persists: every token was prefilled exactly once, and the cache holds the conversation as a full
+    # render of the transcript would (up to the last reply's end-of-turn, which is only added with the next turn)
+    prefilled = sum(e.tokens for e in events if e.kind == "prefill")
+    assert prefilled == len(agent.session.token_ids) == agent.memory.logical_tokens
+    rendered = full_render(agent)
+    assert agent.session.token_ids == rendered[:len(agent.session.token_ids)]
+    assert agent._chat.tokenizer.decode(rendered[len(agent.session.token_ids):]).startswith("<|im_end|>")
+
+
+def test_the_model_sees_tools_and_call_format_in_the_system_prompt(tiny_chat, workspace):
+    agent = make_agent(tiny_chat, workspace, "Done.", system="You are careful.")
+    agent.run()
+    prompt = agent._chat.tokenizer.decode(agent.session.token_ids)
+    assert prompt.startswith("<|im_start|>system\nYou are careful.\n\nYou can call these tools:\n- read_file(path: string")
+    assert '<tool_call>{"name": "<tool name>"' in prompt
+
+
+def test_bad_calls_and_bad_tools_are_answered_not_raised(tiny_chat, workspace):
+    def explode(text: str) -> str:
+        """Always fails."""
+        raise RuntimeError("kaboom")
+
+    def hang() -> str:
+        """Never returns in time."""
+        time.sleep(5)
+        return "late"
+
+    agent = make_agent(tiny_chat, workspace,
+                       '<tool_call>{"name": "read_file", "arguments": {"path": </tool_call>',  # malformed JSON
+                       call("teleport", to="mars"),  # unknown tool
+                       call("explode", text="x"),  # raises
+                       call("hang"),  # hangs past the timeout
+                       call("read_file"),  # missing argument
+                       "I could not do it.",
+                       tools=["read_file", explode, hang], tool_timeout_s=0.5)
+    finish = agent.run()
+    assert (finish.reason, finish.steps) == ("final_answer", 6)
+    answers = [m["content"] for m in agent.transcript if m["role"] == "tool"]
+    assert answers[0].startswith("error: tool call 1 is not valid JSON")
+    assert "unknown tool 'teleport'" in answers[1] and "read_file, explode, hang" in answers[1]
+    assert answers[2] == "explode failed: RuntimeError: kaboom"
+    assert answers[3] == "hang timed out after 0.5 s"
+    assert "missing required argument 'path'" in answers[4]
+
+
+def test_a_result_the_cap_cannot_hold_ends_the_run_with_one_line(tiny_chat, workspace):
+    agent = make_agent(tiny_chat, workspace, call("read_file", path="short.txt"), "ok", memory={"cap": "600tok"})
+    finish = agent.run()
+    assert (finish.reason, finish.error, finish.steps) == ("error", True, 1)
+    assert "too small for the input" in finish.message and "\n" not in finish.message
+    with pytest.raises(AgentloopError, match="in the middle of a step"):
+        agent.run("again")
+
+
+def test_max_steps_stop_on_and_stop_when(tiny_chat, workspace):
+    finish = make_agent(tiny_chat, workspace, *[call("list_dir")] * 3, max_steps=3).run()
+    assert (finish.reason, finish.steps, finish.answer) == ("max_steps", 3, "")
+    finish = make_agent(tiny_chat, workspace, "All done. DONE", stop_on=["DONE"]).run()
+    assert finish.reason == "stop_condition"
+    agent = make_agent(tiny_chat, workspace, call("list_dir"), call("list_dir"))
+    agent.stop_when = lambda a: a.tool_calls >= 2
+    assert (agent.run().reason, agent.steps) == ("stop_condition", 2)
+
+
+def test_a_new_task_continues_in_the_same_cache(tiny_chat, workspace):
+    agent = make_agent(tiny_chat, workspace, call("read_file", path="notes.txt"), "Buy milk.", "Nothing else.")
+    assert agent.run().answer == "Buy milk."
+    held = len(agent.session.token_ids)
+    assert agent.run("Anything else?").answer == "Nothing else."
+    assert agent.session.token_ids[:held] == full_render(agent)[:held]
+    assert agent.session.token_ids == full_render(agent)[:len(agent.session.token_ids)]
+    with pytest.raises(AgentloopError, match="nothing to do"):
+        agent.run()
+
+
+def test_tools_register_as_functions_before_the_first_run(tiny_chat, workspace):
+    agent = make_agent(tiny_chat, workspace, call("add", a=2, b=3), "5")
+
+    @agent.add_tool
+    def add(a: int, b: int) -> int:
+        """Add two numbers."""
+        return a + b
+
+    assert add(1, 1) == 2
+    assert agent.run().answer == "5"
+    assert agent.transcript[2]["content"] == "5"
+    with pytest.raises(AgentloopError, match="before the first run"):
+        agent.add_tool(add)
+
+
+def _ingest_events(agent):
+    events = list(agent.events())
+    return events, [e for e in events if e.kind == "ingest"]
+
+
+def test_long_tool_result_is_compacted_on_ingestion(tiny_chat, workspace):
+    ingest = {"trigger_tokens": 500, "ratio": 0.25, "keep_first": 8, "keep_last": 8, "max_queries": 256}
+    agent = make_agent(tiny_chat, workspace, call("read_file", path="short.txt"), call("read_file", path="notes.txt"),
+                       "Four incidents.", memory={"ingest": ingest})
+    events, ingested = _ingest_events(agent)
+    assert events[-1].reason == "final_answer" and len(ingested) == 1  # the short notes are not compacted
+    event = ingested[0]
+    assert event.tokens > 500 and event.skipped is None and event.tool == "read_file"
+    middle = event.tokens - 16
+    assert event.span[1] - event.span[0] == middle
+    assert event.slots_after == 16 + round(0.25 * middle)
+    assert agent.memory.physical_slots == agent.memory.logical_tokens - event.slots_before + event.slots_after
+    per_slot = bytes_per_token(tiny_chat.model.config, tiny_chat.dtype, with_beta=True)
+    assert event.bytes_after == (event.span[0] - 8 + event.slots_after) * per_slot  # the span's slots, now with β
+    assert event.output_error is not None and event.details["method"] == "am-hak-fast"
+    prefill = events[events.index(event) - 1]  # compacted right after the result itself was prefilled
+    assert prefill.kind == "prefill" and prefill.tokens == event.tokens
+
+
+def test_ingestion_per_tool_overrides_and_exclude(tiny_chat, workspace):
+    ingest = {"trigger_tokens": 500, "ratio": 0.5, "max_queries": 256, "per_tool": {"read_file": {"ratio": 0.1}}}
+    agent = make_agent(tiny_chat, workspace, call("read_file", path="short.txt"), "ok", memory={"ingest": ingest})
+    _, ingested = _ingest_events(agent)
+    assert ingested[0].slots_after == 32 + round(0.1 * (ingested[0].tokens - 32))
+    agent = make_agent(tiny_chat, workspace, call("read_file", path="short.txt"), "ok",
+                       memory={"ingest": {**ingest, "exclude": ["read_file"]}})
+    assert _ingest_events(agent)[1] == []
+    agent = make_agent(tiny_chat, workspace, "ok", memory={"ingest": {"exclude": ["grep"]}})
+    with pytest.raises(AgentloopError, match="memory.ingest names tool 'grep'"):
+        agent.run()
+
+
+def test_ingestion_takes_only_the_verbatim_tail_when_the_policy_acted_during_prefill(tiny_chat, workspace):
+    # the ~800-token result, prefilled in chunks of 512, overflows the cap: the `am` policy compacts the cache
+    # before the second chunk, so only that chunk is still verbatim when the result is in
+    memory = {"cap": "900tok", "policy": "am", "ratio": 0.25, "protect_recent": 16, "options": {"max_queries": 256},
+              "ingest": {"trigger_tokens": 200, "ratio": 0.25, "max_queries": 256}}
+    agent = make_agent(tiny_chat, workspace, call("read_file", path="short.txt"), "ok", memory=memory)
+    events, ingested = _ingest_events(agent)
+    assert events[-1].reason == "final_answer" and agent.memory.policy_actions == 1
+    event = ingested[0]
+    assert event.skipped is None and event.slots_before == event.tokens - 512
+    memory["ingest"]["trigger_tokens"] = 500  # more than the verbatim tail: skipped, with the reason
+    agent = make_agent(tiny_chat, workspace, call("read_file", path="short.txt"), "ok", memory=memory)
+    skipped = _ingest_events(agent)[1][0]
+    assert "memory policy compacted the cache" in skipped.skipped and skipped.bytes_after == 0
+
+
+def test_trace_is_complete_and_an_interrupted_run_still_ends_it(tiny_chat, workspace, tmp_path):
+    trace = tmp_path / "run.jsonl"
+    agent = make_agent(tiny_chat, workspace, call("read_file", path="notes.txt"), "Buy milk.", trace=str(trace))
+    agent.run()
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert kinds[0] == "run" and kinds[-1] == "finish" and "token" not in kinds
+    assert kinds.count("message") == 4 and kinds.count("tool_call") == kinds.count("tool_result") == 1
+    assert records[0]["tools"][0]["function"]["name"] == "read_file"
+
+    def interrupt(transcript):
+        raise KeyboardInterrupt
+
+    trace2 = tmp_path / "cancelled.jsonl"
+    agent = Agent(loaded=tiny_chat, task="hi", tools=["list_dir"], workspace=str(workspace), reply_fn=interrupt,
+                  trace=str(trace2))
+    with pytest.raises(KeyboardInterrupt):
+        agent.run()
+    last = json.loads(trace2.read_text().splitlines()[-1])
+    assert (last["kind"], last["reason"], last["message"]) == ("finish", "cancelled", "interrupted by the user")
+    with pytest.raises(AgentloopError, match="in the middle of a step"):
+        agent.run("again")
+
+    trace3 = tmp_path / "stopped.jsonl"
+    agent = make_agent(tiny_chat, workspace, call("list_dir"), "ok", trace=str(trace3))
+    events = agent.events()
+    next(events)
+    events.close()  # the caller stops iterating early
+    assert json.loads(trace3.read_text().splitlines()[-1])["reason"] == "cancelled"
+
+
+def test_smollm2_three_tool_calls_and_a_2000_token_result_compacted_on_ingestion(smollm2, workspace):
+    ingest = {"trigger_tokens": 1000, "ratio": 0.1, "keep_first": 16, "keep_last": 16, "max_queries": 512}
+    agent = make_agent(smollm2, workspace, call("list_dir"), call("read_file", path="report.txt"),
+                       call("read_file", path="missing.txt"), None,  # the last reply is SmolLM2's own
+                       max_steps=4, generation={"max_new_tokens": 16}, memory={"ingest": ingest})
+    events = list(agent.events())
+    finish = events[-1]
+    assert finish.reason in ("final_answer", "max_steps") and finish.steps == 4 and finish.tool_calls >= 3
+    assert [e.ok for e in events if e.kind == "tool_result"][:3] == [True, True, False]
+    assert any(e.kind == "token" for e in events)  # the model decoded its reply on top of the compacted cache
+    event = next(e for e in events if e.kind == "ingest")
+    assert event.tokens >= 2000
+    # bytes held afterwards <= ratio x span + the protected tokens (+ everything before the span), all with β
+    per_slot = bytes_per_token(smollm2.model.config, smollm2.dtype, with_beta=True)
+    before_span, middle = event.span[0] - 16, event.tokens - 32
+    assert event.bytes_after <= (before_span + 0.1 * middle + 1 + 32) * per_slot
+    assert event.bytes_after < 0.2 * event.bytes_before
+
+
+def test_live_view_and_log_lines_render_every_event(tiny_chat, workspace):
+    import io
+
+    from rich.console import Console
+
+    from agentloop.view import AgentView, describe_agent_event
+
+    agent = make_agent(tiny_chat, workspace, call("read_file", path="short.txt"), '<tool_call>{"name": [</tool_call>',
+                       "[bold]done[/]", memory={"ingest": {"trigger_tokens": 500, "max_queries": 256}})
+    console = Console(file=io.StringIO(), force_terminal=True, width=100)
+    with AgentView(console, "test", 10**9, 5) as view:
+        lines = []
+        for event in agent.events():
+            view.update(event)
+            lines.append(describe_agent_event(event))
+    panel = console.file.getvalue()
+    assert "finished: final_answer" in panel and "1 on ingestion" in panel and "(malformed call)" in panel
+    log = "\n".join(line for line in lines if line)
+    assert "ingested read_file result" in log and "[bold]step 3[/] reply: \\[bold]done\\[/]" in log
