@@ -17,7 +17,19 @@ from agentloop.events import Event
 from agentloop.memcap import format_bytes
 
 
-class LiveView:
+class _LivePanel:
+    """A rich Live panel redrawn from `_render()`; used as a context manager around a run."""
+
+    def __enter__(self):
+        self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._live.update(self._render())
+        self._live.__exit__(*exc)
+
+
+class LiveView(_LivePanel):
     """Folds loop events into a rich panel; refreshed a few times a second."""
 
     def __init__(self, console: Console, title: str, cap_bytes: int | None, max_new_tokens: int):
@@ -30,14 +42,6 @@ class LiveView:
         self._start = time.perf_counter()
         self._decode_start: float | None = None
         self._live = Live(self._render(), console=console, refresh_per_second=4, transient=False)
-
-    def __enter__(self):
-        self._live.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._live.update(self._render())
-        self._live.__exit__(*exc)
 
     def update(self, event: Event) -> None:
         if event.kind in ("prefill", "token"):
@@ -76,7 +80,7 @@ class LiveView:
         return Panel(Group(table, Text(tail, style="dim")), title=self.title, border_style="cyan")
 
 
-class AgentView:
+class AgentView(_LivePanel):
     """The live panel of an agent run: step, tokens, cache bytes against the cap, compactions, tool calls."""
 
     def __init__(self, console: Console, title: str, cap_bytes: int | None, max_steps: int):
@@ -89,14 +93,6 @@ class AgentView:
         self.text = ""
         self.status = "prefilling the task"
         self._live = Live(self._render(), console=console, refresh_per_second=4, transient=False)
-
-    def __enter__(self):
-        self._live.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._live.update(self._render())
-        self._live.__exit__(*exc)
 
     def update(self, event: Event) -> None:
         kind = event.kind
