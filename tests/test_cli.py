@@ -173,7 +173,9 @@ def test_agent_ctrl_c_ends_the_trace_and_exits_130(tmp_path, smollm2):
     trace = tmp_path / "agent.jsonl"
     task = write_task(tmp_path, AGENT.replace("max_new_tokens: 8", "max_new_tokens: 4000, ignore_eos: true"))
     process = subprocess.Popen([sys.executable, "-m", "agentloop.cli", "run", task, "--quiet", "--trace", str(trace),
-                                "--workspace", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "--workspace", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # a test runner started in the background ignores SIGINT, and children inherit that
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and not (trace.exists() and len(trace.read_text().splitlines()) >= 3):
         time.sleep(0.2)
