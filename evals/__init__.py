@@ -26,6 +26,15 @@ def results_dir() -> Path:
     return here / "results" if (here.parent / "pyproject.toml").is_file() else Path.cwd() / "evals" / "results"
 
 
+def load_eval_model(spec: str):
+    """The model an eval runs on, loaded with transformers' progress bars and warnings silenced."""
+    from agentloop.cli import _quiet_transformers
+    from agentloop.models import load_model
+
+    _quiet_transformers()
+    return load_model(spec)
+
+
 def write_results(name: str, data: dict, markdown: str) -> Path:
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)

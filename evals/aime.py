@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from agentloop import Event, GenerationSettings, LoadedModel, MemCap, Session, load_model, parse_mem_cap
+from agentloop import Event, GenerationSettings, LoadedModel, MemCap, Session, parse_mem_cap
 from agentloop.cache import slots_to_bytes
 from agentloop.chat import encode_messages
 from agentloop.errors import AgentloopError
@@ -159,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
 
-    from agentloop.cli import _quiet_transformers
-    from agentloop.evals import results_dir
+    from agentloop.evals import load_eval_model, results_dir
 
     if args.samples < 1 or (args.limit is not None and args.limit < 1):
         raise AgentloopError("--samples and --limit must be at least 1")
@@ -174,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["agentloop", "eval", "aime", *argv])
     jsonl = out_dir / f"{args.out}.jsonl"
 
-    _quiet_transformers()
-    loaded = load_model(args.model)
+    loaded = load_eval_model(args.model)
     forced_ids = [int(i) for i in loaded.tokenizer(FORCED_PREFIX, add_special_tokens=False)["input_ids"]]
     if cap is not None:
         thinking_cap(cap, len(forced_ids) + ANSWER_TOKENS, loaded)  # a cap too small fails before files are written

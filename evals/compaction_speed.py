@@ -38,14 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
-    from agentloop import Session, load_model
-    from agentloop.cli import _quiet_transformers
+    from agentloop import Session
     from agentloop.compaction.span import compact_span, reference_queries
-    from agentloop.evals import write_results
+    from agentloop.evals import load_eval_model, write_results
     from agentloop.evals.text import prose_ids
 
-    _quiet_transformers()
-    loaded = load_model(args.model)
+    loaded = load_eval_model(args.model)
     config = loaded.model.config
     rows, skipped = [], []
     for length in args.lengths:

@@ -113,13 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
-    from agentloop import Session, load_model
-    from agentloop.cli import _quiet_transformers
+    from agentloop import Session
+    from agentloop.evals import load_eval_model
     from agentloop.ingest import compact_result
     from agentloop.task import IngestSpec
 
-    _quiet_transformers()
-    loaded = load_model(args.model)
+    loaded = load_eval_model(args.model)
     rng = random.Random(args.seed)
     short, long = f"{args.min_tokens}-{args.max_tokens} tok", f"{args.long_tokens} tok"
     plan = [(short, args.ratios)] * args.trials + [(long, args.long_ratios)] * args.long_trials

@@ -84,12 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
-    from agentloop import load_model
     from agentloop.chat import encode_messages
-    from agentloop.cli import _quiet_transformers
+    from agentloop.evals import load_eval_model
 
-    _quiet_transformers()
-    loaded = load_model(args.model)
+    loaded = load_eval_model(args.model)
     prompt_ids = encode_messages(loaded.tokenizer, [{"role": "user", "content": PROMPT}])
     tic = time.perf_counter()
     continuation = generate_continuation(loaded, prompt_ids, args.tokens, args.seed)

@@ -43,13 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
-    from agentloop import load_model
     from agentloop.chat import encode_messages
-    from agentloop.cli import _quiet_transformers
+    from agentloop.evals import load_eval_model
     from agentloop.evals.online_fidelity import policy_for
 
-    _quiet_transformers()
-    loaded = load_model(args.model)
+    loaded = load_eval_model(args.model)
     prompt_ids = encode_messages(loaded.tokenizer, [{"role": "user", "content": PROMPT}])
     runs: dict[str, list[dict]] = {"uncapped": [], **{name: [] for name in args.configs}}
     for round_ in range(args.rounds):

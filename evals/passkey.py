@@ -73,12 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
-    from agentloop import Session, load_model
-    from agentloop.cli import _quiet_transformers
+    from agentloop import Session
     from agentloop.compaction.span import compact_span
+    from agentloop.evals import load_eval_model
 
-    _quiet_transformers()
-    loaded = load_model(args.model)
+    loaded = load_eval_model(args.model)
     rng = random.Random(args.seed)
     records = []
     for trial in range(args.trials):

@@ -70,12 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
-    from agentloop import load_model
-    from agentloop.cli import _quiet_transformers
+    from agentloop.evals import load_eval_model
     from agentloop.evals.online_fidelity import policy_for
 
-    _quiet_transformers()
-    loaded = load_model(args.model)
+    loaded = load_eval_model(args.model)
     rng = random.Random(args.seed)
     records = []
     for trial in range(args.trials):
