@@ -169,7 +169,7 @@ class CompactableCache(Cache):
         layer = self.layers[layer_idx]
         return getattr(layer, "beta", None)
 
-    def copy(self) -> "CompactableCache":
+    def copy(self) -> CompactableCache:
         """An independent copy (tensors cloned), e.g. to try several compactions of one context."""
         return copy.deepcopy(self)
 
@@ -181,7 +181,7 @@ class CompactableCache(Cache):
 
     def restore(self, snapshot: list) -> None:
         """Drop everything appended since `snapshot` (no replace/keep may have happened in between)."""
-        for layer, saved in zip(self.layers, snapshot):
+        for layer, saved in zip(self.layers, snapshot, strict=False):
             if isinstance(layer, SlidingLayer):
                 layer.keys, layer.values, layer.cumulative_length = saved
                 continue

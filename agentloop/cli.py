@@ -144,7 +144,7 @@ def cmd_run(args) -> int:
     from agentloop.trace import JsonlTrace
     from agentloop.view import LiveView
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # log lines are not cut at 80 columns when piped
     policy = make_policy(task.memory.policy, **task.memory.options)
     cap = parse_mem_cap(task.memory.cap) if task.memory.cap else None
     loaded = load_model(task.model, dtype=task.dtype, device=task.device)
@@ -208,7 +208,7 @@ def cmd_agent(task, args) -> int:
     from agentloop.memcap import format_bytes, parse_mem_cap
     from agentloop.view import AgentView, describe_agent_event
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # log lines are not cut at 80 columns when piped
     trace_path = task.trace or f".agentloop/traces/{task.name or 'task'}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     agent = Agent(task, trace=trace_path)
     chatty = not (args.json or args.quiet)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -108,6 +108,8 @@ class IngestEvent(_Event):
     call_id: str
     tool: str
     tokens: int = Field(description="tokens of the tool result")
+    piece: int = Field(1, description="which piece of the result this is (long results are ingested in pieces)")
+    pieces: int = Field(1, description="pieces the result was ingested in")
     span: list[int] = Field(default_factory=list, description="physical slots [start, end) compacted")
     slots_before: int = 0
     slots_after: int = 0
@@ -137,5 +139,5 @@ class FinishEvent(_Event):
     cap_bytes: int | None
 
 
-Event = Union[PrefillEvent, TokenEvent, PauseEvent, PolicyEvent, StopEvent, MessageEvent, ToolCallEvent,
-              ToolResultEvent, IngestEvent, FinishEvent]
+Event = (PrefillEvent | TokenEvent | PauseEvent | PolicyEvent | StopEvent | MessageEvent | ToolCallEvent
+         | ToolResultEvent | IngestEvent | FinishEvent)

@@ -24,7 +24,6 @@ from agentloop.memcap import MemCap, format_bytes, parse_mem_cap
 from agentloop.models import LoadedModel
 from agentloop.policies import MemoryPolicy, NoPolicy, Room
 
-
 PROBE_CHUNK = 512  # tokens per forward when probing for reference queries
 
 
@@ -163,7 +162,7 @@ class Session:
                               details=details)
         return False
 
-    def fork(self) -> "Session":
+    def fork(self) -> Session:
         """A new session over a copy of this cache and history (same model, cap and policy): try a branch."""
         other = Session.__new__(Session)
         other.__dict__.update(self.__dict__)
@@ -221,7 +220,7 @@ class _Tee:
         self.recorders = recorders
 
     @classmethod
-    def of(cls, *recorders: QueryRecorder | None) -> "QueryRecorder | _Tee | None":
+    def of(cls, *recorders: QueryRecorder | None) -> QueryRecorder | _Tee | None:
         present = [r for r in recorders if r is not None]
         return present[0] if len(present) == 1 else cls(present) if present else None
 

@@ -56,6 +56,8 @@ class IngestSpec(BaseModel):
     ratio: float = Field(0.2, gt=0, lt=1, description="fraction of the result's slots kept (0.2 = 5x smaller)")
     keep_first: int = Field(16, ge=0, description="first tokens of the result kept verbatim")
     keep_last: int = Field(16, ge=0, description="last tokens of the result kept verbatim")
+    piece_tokens: int = Field(2048, ge=64, description="a longer result is prefilled and compacted in pieces of at "
+                              "most this many tokens, so the cache never holds more than one piece of it verbatim")
     method: str = Field("am-hak-fast", description="a method of agentloop.compaction.span.NAMED_METHODS")
     task_queries: bool = Field(False, description="also fit the compaction to queries of the pending task text")
     max_queries: int = Field(4096, ge=16, description="reference queries per KV head")
@@ -72,6 +74,9 @@ class IngestSpec(BaseModel):
                 where = f"per_tool.{name}." if name and name in self.per_tool else ""
                 raise ValueError(f"{where}trigger_tokens ({resolved.trigger_tokens}) must exceed keep_first + "
                                  f"keep_last ({resolved.keep_first} + {resolved.keep_last}) by at least 2")
+            if resolved and self.piece_tokens < 2 * (resolved.keep_first + resolved.keep_last + 2):
+                raise ValueError(f"piece_tokens ({self.piece_tokens}) must be at least twice keep_first + keep_last + 2 "
+                                 f"({2 * (resolved.keep_first + resolved.keep_last + 2)}), so every piece has a middle")
         return self
 
     def for_tool(self, name: str | None) -> IngestSpec | None:

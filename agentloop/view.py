@@ -161,7 +161,8 @@ def describe_agent_event(event: Event) -> str | None:
     if kind == "ingest":
         if event.skipped:
             return f"  ingestion skipped: {event.skipped}"
-        return (f"  ingested {event.tool} result: {event.tokens:,} tokens -> {event.slots_after:,} slots, cache "
+        what = f"{event.tool} result" + (f", piece {event.piece}/{event.pieces}" if event.pieces > 1 else "")
+        return (f"  ingested {what}: {event.slots_before:,} tokens -> {event.slots_after:,} slots, cache "
                 f"{format_bytes(event.bytes_before)} -> {format_bytes(event.bytes_after)} in {event.seconds:.1f}s "
                 f"(fit error {event.output_error:.3f})")
     if kind == "policy":

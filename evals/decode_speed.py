@@ -24,7 +24,7 @@ def _ours(loaded, prompt_ids, new_tokens, cap):
     start = time.perf_counter()
     for _ in session.feed(prompt_ids):
         pass
-    for event in session.generate(GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True)):
+    for _event in session.generate(GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True)):
         pass
     seconds = time.perf_counter() - start
     return seconds, session.token_ids[len(prompt_ids):len(prompt_ids) + new_tokens]
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds, tokens = (_ours(ours_model, prompt_ids, args.new_tokens, args.mem_cap) if who == "ours"
                                else _hf(hf_model, prompt_ids, args.new_tokens))
             result[who] = (seconds, tokens)
-        same = sum(a == b for a, b in zip(result["ours"][1], result["hf"][1]))
+        same = sum(a == b for a, b in zip(result["ours"][1], result["hf"][1], strict=False))
         rows.append({"round": r, "ours_tok_s": args.new_tokens / result["ours"][0],
                      "hf_tok_s": args.new_tokens / result["hf"][0],
                      "ratio": result["hf"][0] / result["ours"][0], "same_tokens": same})
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     data = {"benchmark": "decode-speed", "model": args.model, "prompt_tokens": len(prompt_ids),
             "new_tokens": args.new_tokens, "rounds": args.rounds, "mem_cap": args.mem_cap,
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
             "summary": summary, "runs": rows,
             "command": "agentloop eval decode-speed " + " ".join(argv or [])}
     table = "\n".join([

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tokens", type=int, default=1200)
     parser.add_argument("--mem-cap", default="256tok")
-    parser.add_argument("--configs", nargs="+", default=["am-repeat", "am-both", "am-recorded"], help="policies run under the cap")
+    parser.add_argument("--configs", nargs="+", default=["am-repeat", "am-both", "am-recorded"],
+                        help="policies run under the cap")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true")
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {}
     for name, rs in runs.items():
-        ratios = [r["tok_s"] / u["tok_s"] for r, u in zip(rs, runs["uncapped"])]
+        ratios = [r["tok_s"] / u["tok_s"] for r, u in zip(rs, runs["uncapped"], strict=False)]
         summary[name] = {"tok_s_median": statistics.median(r["tok_s"] for r in rs),
                          "ratio_median": statistics.median(ratios), "ratios": ratios,
                          "compactions": max(r["compactions"] for r in rs),

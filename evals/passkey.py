@@ -33,7 +33,8 @@ def make_trial(tokenizer, rng: random.Random, min_tokens: int, max_tokens: int):
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "@@CONTEXT@@\n\n" + QUESTION}],
                                              tokenize=False, add_generation_prompt=True)
     before, after = rendered.split("@@CONTEXT@@")
-    encode = lambda text: [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    def encode(text):
+        return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
     return encode(before), encode(context), encode(after + ANSWER_PREFIX), key
 
 

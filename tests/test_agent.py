@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from agentloop import Agent, AgentloopError
 from agentloop.cache import bytes_per_token
 from agentloop.models import LoadedModel
+from agentloop.task import IngestSpec
 
 REPORT = Path(__file__).resolve().parent.parent / "examples" / "research" / "harbor.txt"  # ~2,300 SmolLM2 tokens
 
@@ -186,6 +187,30 @@ def test_long_tool_result_is_compacted_on_ingestion(tiny_chat, workspace):
     assert prefill.kind == "prefill" and prefill.tokens == event.tokens
 
 
+def test_a_result_longer_than_piece_tokens_is_prefilled_and_compacted_piece_by_piece(tiny_chat, workspace):
+    ingest = {"trigger_tokens": 200, "ratio": 0.25, "keep_first": 8, "keep_last": 8, "piece_tokens": 300,
+              "max_queries": 256}
+    agent = make_agent(tiny_chat, workspace, call("read_file", path="short.txt"), "ok", memory={"ingest": ingest})
+    events, ingested = _ingest_events(agent)
+    assert events[-1].reason == "final_answer" and agent.memory.ingestions == 1
+    tokens = ingested[0].tokens
+    assert [(e.piece, e.pieces) for e in ingested] == [(1, 3), (2, 3), (3, 3)] and 600 < tokens <= 900
+    prefills = [events[events.index(e) - 1] for e in ingested]  # each piece compacted right after its prefill
+    assert all(p.kind == "prefill" for p in prefills) and sum(p.tokens for p in prefills) == tokens
+    assert max(p.tokens for p in prefills) <= 300
+    # the first piece keeps its first 8 tokens verbatim, the last its last 8, the middle one none
+    assert [e.span[1] - e.span[0] for e in ingested] == [prefills[0].tokens - 8, prefills[1].tokens,
+                                                          prefills[2].tokens - 8]
+    assert [e.span[0] for e in ingested[1:]] == [ingested[0].span[0] - 8 + ingested[0].slots_after,
+                                                 ingested[1].span[0] + ingested[1].slots_after]
+    # the cache never held the whole result verbatim
+    before_result = ingested[0].span[0] - 8
+    per_slot = bytes_per_token(tiny_chat.model.config, tiny_chat.dtype, with_beta=False)
+    assert agent.memory.peak_bytes < (before_result + tokens) * per_slot
+    with pytest.raises(ValueError, match="piece_tokens"):
+        IngestSpec(keep_first=48, keep_last=32, piece_tokens=100)
+
+
 def test_ingestion_per_tool_overrides_and_exclude(tiny_chat, workspace):
     ingest = {"trigger_tokens": 500, "ratio": 0.5, "max_queries": 256, "per_tool": {"read_file": {"ratio": 0.1}}}
     agent = make_agent(tiny_chat, workspace, call("read_file", path="short.txt"), "ok", memory={"ingest": ingest})
@@ -247,7 +272,8 @@ def test_trace_is_complete_and_an_interrupted_run_still_ends_it(tiny_chat, works
 
 
 def test_smollm2_three_tool_calls_and_a_2000_token_result_compacted_on_ingestion(smollm2, workspace):
-    ingest = {"trigger_tokens": 1000, "ratio": 0.1, "keep_first": 16, "keep_last": 16, "max_queries": 512}
+    ingest = {"trigger_tokens": 1000, "ratio": 0.1, "keep_first": 16, "keep_last": 16, "max_queries": 512,
+              "piece_tokens": 4096}
     agent = make_agent(smollm2, workspace, call("list_dir"), call("read_file", path="report.txt"),
                        call("read_file", path="missing.txt"), None,  # the last reply is SmolLM2's own
                        max_steps=4, generation={"max_new_tokens": 16}, memory={"ingest": ingest})

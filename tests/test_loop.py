@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
+from conftest import reference_copy
 from transformers import DynamicCache
 
 from agentloop import GenerationSettings, Session
-from agentloop.loop import sample
 from agentloop.chat import encode_messages
+from agentloop.loop import sample
 from agentloop.policies import make_policy
-from conftest import reference_copy
 
 
 def _prompt(n: int, seed: int = 1, vocab: int = 512) -> list[int]:
@@ -149,7 +149,7 @@ def test_sliding_layers_are_never_compacted(tiny_gemma3):
 def test_nbytes_counts_every_tensor(tiny_llama):
     session = _fed(tiny_llama, _prompt(20))
     layers = session.cache.layers
-    expected = sum(l.keys.numel() * 4 + l.values.numel() * 4 for l in layers)
+    expected = sum(layer.keys.numel() * 4 + layer.values.numel() * 4 for layer in layers)
     assert session.cache.nbytes() == expected
     keys, values = layers[0].keys[..., :4, :], layers[0].values[..., :4, :]
     session.cache.replace(0, 0, 8, keys, values, beta=torch.zeros(keys.shape[:-1]))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_loop import _continue, _fed, _prompt
 
 from agentloop import GenerationSettings
 from agentloop.compaction.span import compact_span
-from test_loop import _continue, _fed, _prompt
 
 
 def _session(model, n=48):

@@ -89,14 +89,14 @@ def combine(sources: list[tuple[dict[int, torch.Tensor], float]], budget: int | 
     total = sum(w for _, w in sources)
     available = [min(x.shape[1] for x in q.values()) for q, _ in sources]
     wanted = [(budget if budget is not None else sum(available)) * w / total for _, w in sources]
-    factor = min(1.0, *(a / w for a, w in zip(available, wanted)))
+    factor = min(1.0, *(a / w for a, w in zip(available, wanted, strict=False)))
     take = [max(1, int(w * factor)) for w in wanted]
     short = min(floor, budget or floor, sum(available)) - sum(take)
     for k in range(len(take)):  # top up to the floor from the sources that have rows left
         extra = max(0, min(short, available[k] - take[k]))
         take[k] += extra
         short -= extra
-    parts = [subsample(q, n, seed + k) for k, ((q, _), n) in enumerate(zip(sources, take))]
+    parts = [subsample(q, n, seed + k) for k, ((q, _), n) in enumerate(zip(sources, take, strict=False))]
     layers = set.intersection(*(set(p) for p in parts))
     return {i: torch.cat([p[i] for p in parts], dim=1) for i in sorted(layers)}
 
