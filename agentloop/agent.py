@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from agentloop.errors import AgentloopError
 from agentloop.events import Event, FinishEvent, IngestEvent, MessageEvent, ToolCallEvent, ToolResultEvent
-from agentloop.ingest import compact_result
+from agentloop.ingest import ingest_result
 from agentloop.loop import Session
 from agentloop.memcap import parse_mem_cap
 from agentloop.models import LoadedModel, load_model
@@ -320,36 +320,17 @@ class Agent:
         return pieces + [(text[pos:], None)]
 
     def _ingest(self, ids: list[int], message: dict) -> Iterator[Event]:
-        """Prefill a tool result; one longer than the trigger is compacted right after, in pieces of at most
-        piece_tokens (each piece prefilled, then compacted), so the cache never holds more of it verbatim."""
+        """Prefill a tool result and compact it on ingestion (agentloop/ingest.py), one IngestEvent per piece."""
         spec = self.spec.memory.ingest.for_tool(message.get("name"))
-        if len(ids) <= spec.trigger_tokens:
-            yield from self.session.feed(ids)
-            return
-        n = -(-len(ids) // spec.piece_tokens)
-        bounds = [round(len(ids) * j / n) for j in range(n + 1)]  # n pieces of near-equal length
         task_ids = self._chat.encode(self._pending_task()) if spec.task_queries else []
+        about = dict(step=self.steps, call_id=message.get("tool_call_id", ""), tool=message.get("name", ""),
+                     tokens=len(ids))
         compacted = False
-        for j in range(n):
-            piece = ids[bounds[j]:bounds[j + 1]]
-            policy_marks = []  # tokens held when the memory policy acted during this prefill
-            for event in self.session.feed(piece):
-                if event.kind == "policy":
-                    policy_marks.append(len(self.session.token_ids))
-                yield event
-            verbatim = len(self.session.token_ids) - policy_marks[-1] if policy_marks else len(piece)
-            about = dict(step=self.steps, call_id=message.get("tool_call_id", ""), tool=message.get("name", ""),
-                         tokens=len(ids), piece=j + 1, pieces=n)
-            if verbatim < len(piece) and verbatim <= spec.trigger_tokens:
-                yield IngestEvent(t=self._now(), **about, skipped=(
-                    f"the memory policy compacted the cache while this result was prefilled; only its last {verbatim} "
-                    f"tokens are still verbatim (trigger_tokens {spec.trigger_tokens})"))
-                continue
-            edges = {"keep_first": spec.keep_first if j == 0 else 0, "keep_last": spec.keep_last if j == n - 1 else 0}
-            fields = compact_result(self.session, piece[len(piece) - verbatim:], spec.model_copy(update=edges),
-                                    task_ids, seed=self.spec.generation.seed + 1000 * self.ingestions + j)
-            compacted = True
-            yield IngestEvent(t=self._now(), **about, **fields)
+        for item in ingest_result(self.session, ids, spec, task_ids, seed=self.spec.generation.seed + 1000 * self.ingestions):
+            if isinstance(item, dict):
+                compacted |= item.get("skipped") is None
+                item = IngestEvent(t=self._now(), **about, **item)
+            yield item
         self.ingestions += compacted
 
     # --- helpers ------------------------------------------------------------------------------

@@ -4,13 +4,14 @@ Each trial hides a five-digit pass key ("The pass key is NNNNN. Remember it. NNN
 random depth of a 2k-4k-token tool result (real prose: Paul Graham essays; `--source code`: Python files of
 an installed package), plus a few trials at 8k. The conversation is the agent's own: the user asks to read a
 file, the assistant calls read_file, the result arrives as a tool turn (rendered by agentloop.agent.ChatFormat)
-and is compacted right after its prefill exactly as the agent does it (agentloop.ingest.compact_result: the
-first and last 16 tokens verbatim, the middle to 1/ratio with am-hak-fast, queries from the result itself).
+and is ingested exactly as the agent does it (agentloop.ingest.ingest_result: pieces of at most 2,048 tokens,
+each compacted right after its prefill in independent chunks of ~512 tokens; the first and last 16 tokens
+verbatim, the rest to 1/ratio with am-hak-fast, queries from a repeat-prefill of the piece itself).
 Then the user asks "What is the pass key? Answer with the number only.", the answer is prefilled with "The
 pass key is" and 8 tokens are decoded greedily; correct when the key is among the numbers in the answer.
 
-Conditions, all from one prefill: the whole result; AM compaction at 2x/5x/10x; truncation at the same ratios
-(the result's head and tail kept verbatim in as many slots as the compacted result; no β, so slightly fewer
+Conditions: the whole result; AM compaction on ingestion at 2x/5x/10x; truncation at the same ratios (the
+result's head and tail kept verbatim in as many slots as the compacted result; no β, so slightly fewer
 bytes). Memory held is the cache right after ingestion, before the question.
 """
 
@@ -104,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", nargs="+", type=int, default=[2, 5, 10])
     parser.add_argument("--long-trials", type=int, default=4, help="trials at --long-tokens (0 = none)")
     parser.add_argument("--long-tokens", type=int, default=8000)
-    parser.add_argument("--long-ratios", nargs="+", type=int, default=[5, 10],
-                        help="2x at 8k keeps 4k slots per head: its t^3 solves take ~25 min on a 2-core CPU")
+    parser.add_argument("--long-ratios", nargs="+", type=int, default=[2, 5, 10])
     parser.add_argument("--keep", type=int, default=16, help="keep_first = keep_last")
+    parser.add_argument("--piece-tokens", type=int, default=2048)
+    parser.add_argument("--chunk-tokens", type=int, default=512, help="0 = each piece compacted as one block")
     parser.add_argument("--max-queries", type=int, default=4096)
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from agentloop import Session
     from agentloop.evals import load_eval_model
-    from agentloop.ingest import compact_result
+    from agentloop.ingest import ingest_result
     from agentloop.task import IngestSpec
 
     loaded = load_eval_model(args.model)
@@ -128,23 +130,28 @@ def main(argv: list[str] | None = None) -> int:
         n_tokens = rng.randint(args.min_tokens, args.max_tokens) if group == short else args.long_tokens
         prefix, result, suffix, key, depth = make_trial(loaded.tokenizer, rng, n_tokens, args.source)
         base = Session(loaded)
-        for _ in base.feed(prefix + result):
-            pass
+        list(base.feed(prefix))
+        whole = base.fork()
+        list(whole.feed(result))
         row = {"trial": trial, "group": group, "tokens": len(result), "depth": round(depth, 3), "key": key}
         measure = (suffix, key, args.answer_tokens)
         records.append({**row, "condition": "whole", "ratio": 1, "result_slots": len(result),
-                        **_measure(base.fork(), *measure)})
+                        **_measure(whole.fork(), *measure)})
         for ratio in ratios:
             spec = IngestSpec(trigger_tokens=2 * args.keep + 2, ratio=1 / ratio, keep_first=args.keep,
-                              keep_last=args.keep, max_queries=args.max_queries)
+                              keep_last=args.keep, piece_tokens=args.piece_tokens,
+                              chunk_tokens=args.chunk_tokens or None, max_queries=args.max_queries)
             session = base.fork()
-            fields = compact_result(session, result, spec, seed=args.seed + trial)
-            records.append({**row, "condition": "am", "ratio": ratio, "result_slots": fields["slots_after"],
-                            "compact_s": fields["seconds"], "output_error": fields["output_error"],
+            pieces = [item for item in ingest_result(session, result, spec, seed=args.seed + trial)
+                      if isinstance(item, dict)]
+            slots = sum(p["slots_after"] for p in pieces)
+            records.append({**row, "condition": "am", "ratio": ratio, "result_slots": slots, "pieces": len(pieces),
+                            "compact_s": round(sum(p["seconds"] for p in pieces), 2),
+                            "output_error": sum(p["output_error"] for p in pieces) / len(pieces),
                             **_measure(session, *measure)})
-            session = base.fork()
-            truncate_result(session, len(result), fields["slots_after"])
-            records.append({**row, "condition": "truncate", "ratio": ratio, "result_slots": fields["slots_after"],
+            session = whole.fork()
+            truncate_result(session, len(result), slots)
+            records.append({**row, "condition": "truncate", "ratio": ratio, "result_slots": slots,
                             **_measure(session, *measure)})
         mine = [r for r in records if r["trial"] == trial]
         marks = " ".join(f"{r['condition']}{'' if r['condition'] == 'whole' else ' ' + str(r['ratio']) + 'x'} "
@@ -179,10 +186,11 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
     lines = [f"# Passkey retrieval from a long tool result compacted on ingestion ({args.model}, {args.source})", "",
              (f"{trials} trials: a five-digit pass key at a random depth of a {args.min_tokens}-{args.max_tokens}-token "
               f"tool result{f' (and {args.long_tokens} in the long column)' if len(groups) > 1 else ''}, read in an "
-              "agent conversation; the result "
-              f"is compacted right after its prefill (first/last {args.keep} tokens verbatim), then the question is "
-              "asked. `truncate` keeps the result's head and tail in as many slots as `am`. Accuracy (n), and the "
-              "cache held after ingestion:"), "",
+              f"agent conversation; the result is ingested in pieces of at most {args.piece_tokens} tokens, each "
+              f"compacted right after its prefill in chunks of {args.chunk_tokens or 'all its'} tokens (first/last "
+              f"{args.keep} tokens of the result verbatim), then the "
+              "question is asked. `truncate` keeps the result's head and tail in as many slots as `am`. Accuracy (n), "
+              "and the cache held after ingestion:"), "",
              "| condition | " + " | ".join(f"accuracy {g} | cache {g}" for g in groups) + " |",
              "|---|" + "---|---|" * len(groups)]
     for name, by_group in summary.items():

@@ -215,6 +215,7 @@ def _stacked_beta(cache, layers: list[int], start: int, end: int) -> torch.Tenso
 
 
 def _chunks(length: int, chunk: int | None) -> list[tuple[int, int]]:
-    if not chunk or chunk >= length:
-        return [(0, length)]
-    return [(lo, min(lo + chunk, length)) for lo in range(0, length, chunk)]
+    """[lo, hi) of the fewest near-equal chunks of at most `chunk` slots (no tiny last chunk)."""
+    n = -(-length // chunk) if chunk else 1
+    bounds = [round(length * j / n) for j in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
