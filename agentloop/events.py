@@ -108,8 +108,9 @@ class IngestEvent(_Event):
     call_id: str
     tool: str
     tokens: int = Field(description="tokens of the tool result")
-    piece: int = Field(1, description="which piece of the result this is (long results are ingested in pieces)")
-    pieces: int = Field(1, description="pieces the result was ingested in")
+    piece: int = Field(1, description="which piece of the result (long results are prefilled and compacted in pieces)")
+    piece_start: int = Field(0, description="the piece's first token in the result")
+    piece_end: int = Field(0, description="the piece's end (exclusive) in the result")
     span: list[int] = Field(default_factory=list, description="physical slots [start, end) compacted")
     slots_before: int = 0
     slots_after: int = 0

@@ -39,27 +39,36 @@ def ingest_result(session, ids: list[int], spec: IngestSpec, task_ids: list[int]
                   seed: int = 0) -> Iterator[Any]:
     """Prefill a tool result's `ids` into `session` and compact it on ingestion if it is longer than the trigger.
 
-    Yields the session's own events, and after each piece a dict of IngestEvent fields: `piece`, `pieces` and
-    either compact_result's fields or `skipped` (the memory policy acted during the piece's prefill and too
-    little of it is still verbatim)."""
+    The result goes in pieces of at most `piece_tokens` (near-equal), each also no longer than the room left
+    under the cap, so that it is compacted by ingestion before the memory policy has to act. Yields the
+    session's own events and, after each piece, a dict of IngestEvent fields: `piece`, `piece_start`,
+    `piece_end` (token offsets in the result) and compact_result's fields, or `skipped` with the reason."""
     if len(ids) <= spec.trigger_tokens:
         yield from session.feed(ids)
         return
-    n = -(-len(ids) // spec.piece_tokens)
-    bounds = [round(len(ids) * j / n) for j in range(n + 1)]  # n pieces of near-equal length
-    for j in range(n):
-        piece = ids[bounds[j]:bounds[j + 1]]
+    least = 2 * (spec.keep_first + spec.keep_last + 2)  # a piece this long always has a middle to compact
+    pos, piece_no = 0, 0
+    while pos < len(ids):
+        left = len(ids) - pos
+        size = -(-left // -(-left // spec.piece_tokens))  # near-equal pieces of at most piece_tokens
+        room = session.free_tokens()
+        if room is not None and least <= room < size:
+            size = room
+        piece, piece_no = ids[pos:pos + size], piece_no + 1
         policy_marks = []  # tokens held when the memory policy acted during this prefill
         for event in session.feed(piece):
             if event.kind == "policy":
                 policy_marks.append(len(session.token_ids))
             yield event
         verbatim = len(session.token_ids) - policy_marks[-1] if policy_marks else len(piece)
-        if verbatim < len(piece) and verbatim <= spec.trigger_tokens:
-            yield {"piece": j + 1, "pieces": n, "skipped": (
-                f"the memory policy compacted the cache while this result was prefilled; only its last {verbatim} "
-                f"tokens are still verbatim (trigger_tokens {spec.trigger_tokens})")}
+        about = {"piece": piece_no, "piece_start": pos, "piece_end": pos + size}
+        edges = {"keep_first": spec.keep_first if pos == 0 else 0,
+                 "keep_last": spec.keep_last if pos + size == len(ids) else 0}
+        pos += size
+        if verbatim - edges["keep_first"] - edges["keep_last"] < 2:
+            yield {**about, "skipped": (
+                f"only {verbatim} tokens of this piece are verbatim (the memory policy compacted the cache while it "
+                "was prefilled)" if verbatim < len(piece) else f"the piece is too short ({len(piece)} tokens)")}
             continue
-        edges = {"keep_first": spec.keep_first if j == 0 else 0, "keep_last": spec.keep_last if j == n - 1 else 0}
-        yield {"piece": j + 1, "pieces": n, **compact_result(session, piece[len(piece) - verbatim:],
-                                                             spec.model_copy(update=edges), task_ids, seed + j)}
+        yield {**about, **compact_result(session, piece[len(piece) - verbatim:], spec.model_copy(update=edges),
+                                         task_ids, seed + piece_no)}

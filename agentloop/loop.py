@@ -162,6 +162,19 @@ class Session:
                               details=details)
         return False
 
+    def free_tokens(self) -> int | None:
+        """How many more tokens fit under the cap before the memory policy must act (None: no cap)."""
+        if self.cap_bytes is None:
+            return None
+        most = self.cap_bytes // (2 * self.cache.kv_heads * self.cache.head_dim * self.element_size)  # one layer's slot
+        if self.cap_slots is not None:
+            most = min(most, self.cap_slots - self.cache.physical_len)
+        lo, hi = 0, max(0, most)  # bytes_after grows with n: the largest n that fits, by bisection
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.cache.bytes_after(mid, self.element_size) <= self.cap_bytes else (lo, mid - 1)
+        return lo
+
     def fork(self) -> Session:
         """A new session over a copy of this cache and history (same model, cap and policy): try a branch."""
         other = Session.__new__(Session)

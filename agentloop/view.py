@@ -160,8 +160,10 @@ def describe_agent_event(event: Event) -> str | None:
         return f"  <- {event.tool}: {status}, {event.chars:,} chars, {event.seconds:.2f}s"
     if kind == "ingest":
         if event.skipped:
-            return f"  ingestion skipped: {event.skipped}"
-        what = f"{event.tool} result" + (f", piece {event.piece}/{event.pieces}" if event.pieces > 1 else "")
+            return f"  ingestion of {event.tool} result tokens {event.piece_start:,}-{event.piece_end:,} skipped: {event.skipped}"
+        whole = event.piece_start == 0 and event.piece_end == event.tokens
+        what = f"{event.tool} result" + ("" if whole else f" (tokens {event.piece_start:,}-{event.piece_end:,} of "
+                                                          f"{event.tokens:,})")
         return (f"  ingested {what}: {event.slots_before:,} tokens -> {event.slots_after:,} slots, cache "
                 f"{format_bytes(event.bytes_before)} -> {format_bytes(event.bytes_after)} in {event.seconds:.1f}s "
                 f"(fit error {event.output_error:.3f})")

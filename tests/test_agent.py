@@ -194,7 +194,10 @@ def test_a_result_longer_than_piece_tokens_is_prefilled_and_compacted_piece_by_p
     events, ingested = _ingest_events(agent)
     assert events[-1].reason == "final_answer" and agent.memory.ingestions == 1
     tokens = ingested[0].tokens
-    assert [(e.piece, e.pieces) for e in ingested] == [(1, 3), (2, 3), (3, 3)] and 600 < tokens <= 900
+    assert [e.piece for e in ingested] == [1, 2, 3] and 600 < tokens <= 900  # 3 near-equal pieces
+    assert [(e.piece_start, e.piece_end) for e in ingested] == [(0, ingested[1].piece_start),
+                                                                (ingested[1].piece_start, ingested[2].piece_start),
+                                                                (ingested[2].piece_start, tokens)]
     prefills = [events[events.index(e) - 1] for e in ingested]  # each piece compacted right after its prefill
     assert all(p.kind == "prefill" for p in prefills) and sum(p.tokens for p in prefills) == tokens
     assert max(p.tokens for p in prefills) <= 300
@@ -224,20 +227,35 @@ def test_ingestion_per_tool_overrides_and_exclude(tiny_chat, workspace):
         agent.run()
 
 
-def test_ingestion_takes_only_the_verbatim_tail_when_the_policy_acted_during_prefill(tiny_chat, workspace):
-    # the ~800-token result, prefilled in chunks of 512, overflows the cap: the `am` policy compacts the cache
-    # before the second chunk, so only that chunk is still verbatim when the result is in
-    memory = {"cap": "900tok", "policy": "am", "ratio": 0.25, "protect_recent": 16, "options": {"max_queries": 256},
-              "ingest": {"trigger_tokens": 200, "ratio": 0.25, "max_queries": 256}}
+def test_pieces_fit_the_room_under_the_cap_so_ingestion_compacts_before_the_policy_must_act(tiny_chat, workspace):
+    # the ~800-token result does not fit in the room left under the cap: it is fed in pieces that do, each
+    # compacted on ingestion, and the online policy never has to act
+    memory = {"cap": "600tok", "policy": "am", "ratio": 0.25, "protect_recent": 16, "options": {"max_queries": 256},
+              "ingest": {"trigger_tokens": 200, "ratio": 0.25, "keep_first": 8, "keep_last": 8, "max_queries": 256}}
     agent = make_agent(tiny_chat, workspace, call("read_file", path="short.txt"), "ok", memory=memory)
     events, ingested = _ingest_events(agent)
-    assert events[-1].reason == "final_answer" and agent.memory.policy_actions == 1
-    event = ingested[0]
-    assert event.skipped is None and event.slots_before == event.tokens - 512
-    memory["ingest"]["trigger_tokens"] = 500  # more than the verbatim tail: skipped, with the reason
+    assert events[-1].reason == "final_answer" and agent.memory.policy_actions == 0
+    assert len(ingested) >= 2 and all(e.skipped is None for e in ingested)
+    assert ingested[-1].piece_end == ingested[0].tokens > 600 - ingested[0].span[0]  # it would not have fit whole
+    assert agent.memory.peak_bytes <= agent.memory.cap_bytes
+
+
+def test_ingestion_takes_only_the_verbatim_tail_when_the_policy_acted_during_prefill(tiny_chat, workspace):
+    # the room under the cap is shorter than a piece may be (2 x (keep_first + keep_last + 2) = 408), so the
+    # ~800-token result is fed whole, in prefill chunks of 512: the `am` policy compacts the cache before each
+    # chunk, so only the second chunk is still verbatim when the result is in
+    ingest = {"trigger_tokens": 300, "ratio": 0.25, "keep_first": 100, "keep_last": 100, "max_queries": 256}
+    uncapped = make_agent(tiny_chat, workspace, call("read_file", path="short.txt"), "ok", memory={"ingest": ingest})
+    before = _ingest_events(uncapped)[1][0].span[0] - 100  # tokens in the cache before the result
+    memory = {"cap": f"{before + 390}tok", "policy": "am", "ratio": 0.25, "protect_recent": 16,
+              "options": {"max_queries": 256}, "ingest": ingest}
     agent = make_agent(tiny_chat, workspace, call("read_file", path="short.txt"), "ok", memory=memory)
-    skipped = _ingest_events(agent)[1][0]
-    assert "memory policy compacted the cache" in skipped.skipped and skipped.bytes_after == 0
+    events, ingested = _ingest_events(agent)
+    assert events[-1].reason == "final_answer" and agent.memory.policy_actions >= 2
+    event = ingested[0]
+    assert event.skipped is None and (event.piece_start, event.piece_end) == (0, event.tokens)
+    assert event.slots_before == event.tokens - 512
+    assert agent.memory.peak_bytes <= agent.memory.cap_bytes
 
 
 def test_trace_is_complete_and_an_interrupted_run_still_ends_it(tiny_chat, workspace, tmp_path):
