@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queries", type=int, default=4096)
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="ingestion", help="results file name under evals/results")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
@@ -184,8 +185,8 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
                     "result_slots": sum(r["result_slots"] for r in sel) / len(sel)}
     trials = len({r["trial"] for r in records})
     lines = [f"# Passkey retrieval from a long tool result compacted on ingestion ({args.model}, {args.source})", "",
-             (f"{trials} trials: a five-digit pass key at a random depth of a {args.min_tokens}-{args.max_tokens}-token "
-              f"tool result{f' (and {args.long_tokens} in the long column)' if len(groups) > 1 else ''}, read in an "
+             (f"{trials} trials: a five-digit pass key at a random depth of a tool result of {' or '.join(groups)}ens "
+              "(columns), read in an "
               f"agent conversation; the result is ingested in pieces of at most {args.piece_tokens} tokens, each "
               f"compacted right after its prefill in chunks of {args.chunk_tokens or 'all its'} tokens (first/last "
               f"{args.keep} tokens of the result verbatim), then the "
@@ -198,12 +199,12 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
                  if g in by_group else "- | -" for g in groups]
         lines.append(f"| {name.replace(' 1x', '')} | " + " | ".join(cells) + " |")
     command = ("agentloop eval ingestion " + " ".join(argv or [])).strip()
-    lines += ["", f"95% Wilson intervals and every answer are in ingestion.json. Reproduce: `{command}`"]
+    lines += ["", f"95% Wilson intervals and every answer are in {args.name}.json. Reproduce: `{command}`"]
     text = "\n".join(lines)
     if not args.no_write:
-        write_results("ingestion", {"benchmark": "ingestion", "config": vars(args), "trials": trials,
+        write_results(args.name, {"benchmark": "ingestion", "config": vars(args), "trials": trials,
                                     "summary": summary, "records": records, "command": command}, text)
-        _plot(summary, groups, results_dir() / "ingestion.png")
+        _plot(summary, groups, results_dir() / f"{args.name}.png")
     return text
 
 
