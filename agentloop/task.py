@@ -59,8 +59,8 @@ class IngestSpec(BaseModel):
     piece_tokens: int = Field(2048, ge=64, description="a longer result is prefilled and compacted in pieces of at "
                               "most this many tokens, so the cache never holds more than one piece of it verbatim")
     method: str = Field("am-hak-fast", description="a method of agentloop.compaction.span.NAMED_METHODS")
-    chunk_tokens: int | None = Field(512, ge=16, description="compact each piece in independent chunks of about "
-                                     "this many tokens (faster, and more faithful on SmolLM2); none = one block")
+    chunk_tokens: int | None = Field(None, ge=16, description="compact each piece in chunks of about this many "
+                                     "tokens: faster, but every chunk keeps the same share, which can lose a needle")
     task_queries: bool = Field(False, description="also fit the compaction to queries of the pending task text")
     max_queries: int = Field(4096, ge=16, description="reference queries per KV head")
     exclude: list[str] = Field(default_factory=list, description="tools whose results are never compacted")

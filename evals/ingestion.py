@@ -5,8 +5,8 @@ random depth of a 2k-4k-token tool result (real prose: Paul Graham essays; `--so
 an installed package), plus a few trials at 8k. The conversation is the agent's own: the user asks to read a
 file, the assistant calls read_file, the result arrives as a tool turn (rendered by agentloop.agent.ChatFormat)
 and is ingested exactly as the agent does it (agentloop.ingest.ingest_result: pieces of at most 2,048 tokens,
-each compacted right after its prefill in independent chunks of ~512 tokens; the first and last 16 tokens
-verbatim, the rest to 1/ratio with am-hak-fast, queries from a repeat-prefill of the piece itself).
+each compacted right after its prefill; the first and last 16 tokens verbatim, the rest to 1/ratio with
+am-hak-fast, queries from a repeat-prefill of the piece itself).
 Then the user asks "What is the pass key? Answer with the number only.", the answer is prefilled with "The
 pass key is" and 8 tokens are decoded greedily; correct when the key is among the numbers in the answer.
 
@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-ratios", nargs="+", type=int, default=[2, 5, 10])
     parser.add_argument("--keep", type=int, default=16, help="keep_first = keep_last")
     parser.add_argument("--piece-tokens", type=int, default=2048)
-    parser.add_argument("--chunk-tokens", type=int, default=512, help="0 = each piece compacted as one block")
+    parser.add_argument("--chunk-tokens", type=int, default=0, help="compact each piece in chunks of this many tokens "
+                        "(0: each piece as one block, the default of memory.ingest.chunk_tokens)")
     parser.add_argument("--max-queries", type=int, default=4096)
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -184,13 +185,13 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
                     "cache_bytes": sum(r["cache_bytes"] for r in sel) / len(sel),
                     "result_slots": sum(r["result_slots"] for r in sel) / len(sel)}
     trials = len({r["trial"] for r in records})
+    chunks = f" in chunks of {args.chunk_tokens} tokens" if args.chunk_tokens else ""
     lines = [f"# Passkey retrieval from a long tool result compacted on ingestion ({args.model}, {args.source})", "",
              (f"{trials} trials: a five-digit pass key at a random depth of a tool result of {' or '.join(groups)}ens "
               "(columns), read in an "
               f"agent conversation; the result is ingested in pieces of at most {args.piece_tokens} tokens, each "
-              f"compacted right after its prefill in chunks of {args.chunk_tokens or 'all its'} tokens (first/last "
-              f"{args.keep} tokens of the result verbatim), then the "
-              "question is asked. `truncate` keeps the result's head and tail in as many slots as `am`. Accuracy (n), "
+              f"compacted right after its prefill{chunks} (first/last {args.keep} tokens of the result verbatim), "
+              "then the question is asked. `truncate` keeps the result's head and tail in as many slots as `am`. Accuracy (n), "
               "and the cache held after ingestion:"), "",
              "| condition | " + " | ".join(f"accuracy {g} | cache {g}" for g in groups) + " |",
              "|---|" + "---|---|" * len(groups)]

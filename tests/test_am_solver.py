@@ -199,3 +199,35 @@ def test_selection_scores_and_unknown_names():
         compact(Q, K, V, t=65, scale=SCALE)
     with pytest.raises(TypeError):
         compact(Q, K, V, t=8, scale=SCALE, method="hak", no_such_knob=1)
+
+
+def test_parts_of_a_span_fitted_with_its_attention_statistics_keep_the_span_mass():
+    # two halves of a span read by two groups of queries (80% mostly read the first half, 20% the second):
+    # fitted alone, each half gives every query equal weight; told the span's row max and log-sum-exp, it weighs
+    # each query by its share of attention to that half, as one fit of the whole span would
+    from agentloop.compaction.solver import row_max_lse
+
+    g = torch.Generator().manual_seed(0)
+    H, n, T = 2, 512, 64
+    first, second = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
+    first[..., D // 2:], second[..., :D // 2] = 0, 0
+    Q = torch.randn(H, n, D, generator=g)
+    reads_first = torch.rand(n, generator=g) < 0.8
+    Q[:, reads_first, D // 2:] *= 0.3 / 4
+    Q[:, ~reads_first, :D // 2] *= 0.3 / 4
+    Q *= 4
+    K, V = torch.cat([first, second], 1), torch.randn(H, 2 * T, D, generator=g)
+    fit, held_out = split(Q)
+    errors = {}
+    for span in (None, row_max_lse(fit, K, SCALE)):
+        parts = [compact(fit, K[:, lo:lo + T], V[:, lo:lo + T], t=16, scale=SCALE, method="hak", span=span)
+                 for lo in (0, T)]
+        block = [torch.cat([getattr(p, name) for p in parts], 1) for name in ("keys", "beta", "values")]
+        output_error, mass_error = evaluate(held_out, K, V, None, *block, SCALE)
+        errors["alone" if span is None else "span"] = (output_error.mean(), mass_error.mean())
+    assert errors["span"][1] < 0.7 * errors["alone"][1]
+    assert errors["span"][0] < 1.03 * errors["alone"][0]
+    same = compact(fit, K, V, t=16, scale=SCALE, method="hak")  # one part that is the whole span: no change
+    with_stats = compact(fit, K, V, t=16, scale=SCALE, method="hak", span=row_max_lse(fit, K, SCALE))
+    assert torch.allclose(same.beta, with_stats.beta, atol=1e-4) and torch.allclose(same.values, with_stats.values,
+                                                                                     atol=1e-3)

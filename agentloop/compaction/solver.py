@@ -185,9 +185,13 @@ def _to_beta(w: Tensor, slot_unbiasing: Tensor) -> Tensor:
     return w.log().masked_fill(slot_unbiasing == 0, -math.inf)
 
 
-def _fit_values(Q: Tensor, keys: Tensor, beta: Tensor, scale: float, target: Tensor, ridge: float) -> Tensor:
-    """Cv = argmin ||X Cv − target||² + ridge·||Cv||², X = softmax(scale·Q keysᵀ + β): [H, t, dv]."""
+def _fit_values(Q: Tensor, keys: Tensor, beta: Tensor, scale: float, target: Tensor, ridge: float,
+                row_weight: Tensor | None = None) -> Tensor:
+    """Cv = argmin Σ_q row_weight_q ||X_q Cv − target_q||² + ridge·||Cv||², X = softmax(scale·Q keysᵀ + β): [H, t, dv]."""
     X = torch.softmax(attention_logits(Q, keys, scale, beta), -1)  # [H, n, t]
+    if row_weight is not None:
+        root = row_weight.sqrt()[..., None]  # [H, n, 1]
+        X, target = X * root, target * root
     gram, rhs = _normal_equations(X, target)
     return _solve_spd(gram, rhs, ridge).float()
 
@@ -435,7 +439,8 @@ def _errors(out: Tensor, lse: Tensor, ref_out: Tensor, ref_lse: Tensor) -> tuple
 
 
 def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, scale: float, bias: Tensor | None,
-                   method: Method, fixed_idx: Tensor | None, seconds: dict[str, float]) -> tuple[Tensor, ...]:
+                   method: Method, fixed_idx: Tensor | None, span: tuple[Tensor, Tensor] | None,
+                   seconds: dict[str, float]) -> tuple[Tensor, ...]:
     clock = time.perf_counter()
 
     def lap(stage: str) -> None:
@@ -447,6 +452,12 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, sca
     E, rowmax = shifted_exp(Q, K, scale, bias)  # [h, n, T], [h, n]
     mass = E.sum(-1)  # [h, n]
     ref_out, ref_lse = torch.bmm(E, V) / mass[..., None], rowmax + mass.log()
+    share = None
+    if span is not None:  # one part of a longer span: shift E by the span's row max, so that each query weighs in
+        span_max, span_lse = span  # the fits by its attention to this part, as it would in one fit of the span
+        E.mul_((rowmax - span_max).exp()[..., None])
+        mass = E.sum(-1)
+        share = (ref_lse - span_lse).exp()  # [h, n]: this part's share of each query's attention to the span
     unbiasing = _unbiasing(K, bias)
     lap("reference")
 
@@ -473,7 +484,7 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, sca
     lap("beta")
 
     # fitted values of padding slots solve to 0 (their softmax column is 0); evicted ones are zeroed here
-    values = _fit_values(Q, keys, beta, scale, ref_out, method.ridge) if method.fit else _rows(V, idx)
+    values = _fit_values(Q, keys, beta, scale, ref_out, method.ridge, share) if method.fit else _rows(V, idx)
     values = values.masked_fill(~real[..., None], 0.0)
     lap("values")
 
@@ -492,11 +503,13 @@ def _ranked_keys(E: Tensor, mass: Tensor, t: int, method: Method) -> Tensor:
 
 def compact(Q: Tensor, K: Tensor, V: Tensor, t: int, scale: float, bias: Tensor | None = None,
             method: str = "hak", seed: int = 0, chunk_bytes: int = CHUNK_BYTES, budgets: Tensor | None = None,
-            **knobs) -> CompactResult:
+            span: tuple[Tensor, Tensor] | None = None, **knobs) -> CompactResult:
     """Compact K, V ([H, T, d], [H, T, dv]) to t slots per head with a named method (see METHODS);
     `knobs` override the method's fields. Works in float32; heads are solved in memory-bounded chunks.
     `budgets` [H] (integers in [1, t]) gives head h only budgets[h] real slots, the rest of its t slots padding:
-    a head's block equals that of compacting it alone to its budget, padded (see the module docstring)."""
+    a head's block equals that of compacting it alone to its budget, padded (see the module docstring).
+    `span` (row max, log-sum-exp [H, n], see `row_max_lse`) says K, V are one part of a longer span: the fits
+    then weigh each query by this part's share of its attention to the whole span."""
     H, T, _ = K.shape
     if not 0 < t <= T:
         raise ValueError(f"t must be in [1, {T}], got {t}")
@@ -515,9 +528,21 @@ def compact(Q: Tensor, K: Tensor, V: Tensor, t: int, scale: float, bias: Tensor 
     for heads in _head_chunks(H, Q.shape[1], T, chunk_bytes):
         parts.append(_compact_chunk(Q[heads], K[heads], V[heads], budgets[heads], t, scale,
                                     bias[heads] if bias is not None else None, config,
-                                    fixed_idx[heads] if fixed_idx is not None else None, seconds))
+                                    fixed_idx[heads] if fixed_idx is not None else None,
+                                    (span[0][heads], span[1][heads]) if span is not None else None, seconds))
     keys, beta, values, idx, output_error, mass_error = (torch.cat(tensors) for tensors in zip(*parts, strict=True))
     return CompactResult(keys, beta, values, idx, output_error, mass_error, seconds)
+
+
+def row_max_lse(Q: Tensor, K: Tensor, scale: float, bias: Tensor | None = None,
+                chunk_bytes: int = CHUNK_BYTES) -> tuple[Tensor, Tensor]:
+    """Row max and log-sum-exp of the logits of Q [H, n, d] against all keys K [H, T, d]: ([H, n], [H, n])."""
+    parts = []
+    for heads in _head_chunks(K.shape[0], Q.shape[1], K.shape[1], chunk_bytes):
+        S = attention_logits(Q[heads].float(), K[heads].float(), scale, bias[heads].float() if bias is not None else None)
+        parts.append((S.amax(-1), S.logsumexp(-1)))
+    row_max, lse = (torch.cat(tensors) for tensors in zip(*parts, strict=True))
+    return row_max, lse
 
 
 def evaluate(Q: Tensor, K: Tensor, V: Tensor, bias: Tensor | None, keys: Tensor, beta: Tensor, values: Tensor,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from agentloop.compaction.queries import combine, repeat_queries, self_study_queries
-from agentloop.compaction.solver import compact
+from agentloop.compaction.solver import compact, row_max_lse
 
 QuerySources = tuple[tuple[str, float], ...]
 RECENT_WINDOW = 32  # tokens whose queries the `recent` source keeps
@@ -155,6 +155,7 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     scale = session.model.model.layers[layers[0]].self_attn.scaling
 
     bounds = _chunks(span_len, chunk)
+    whole = row_max_lse(Q, keys, scale, beta) if len(bounds) > 1 else None  # chunks are fitted as parts of the span
     parts, real = [], []
     for lo, hi in bounds:
         share = slots.double() * (hi - lo) / span_len  # each head's budget, shared out in proportion to the chunks
@@ -162,7 +163,7 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
         t = int(part_slots.max())
         parts.append(compact(Q, keys[:, lo:hi], values[:, lo:hi], t, scale,
                              bias=beta[:, lo:hi] if beta is not None else None, method=named.solver, seed=seed,
-                             budgets=part_slots, **knobs))
+                             budgets=part_slots, span=whole, **knobs))
         real.append(torch.arange(t) < part_slots[:, None])  # [layers * kv_heads, t]
     # each head's real slots first (chunk by chunk), its padding last: [layers * kv_heads, t_all, ...]
     order = (~torch.cat(real, dim=1)).int().argsort(dim=-1, stable=True).to(keys.device)
