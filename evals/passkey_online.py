@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prose-tokens", type=int, default=2400, help="prose available after the key")
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="passkey_online", help="results file name under evals/results")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
@@ -121,15 +122,16 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
                                                  for c in cells) + " |")
     command = ("agentloop eval passkey-online " + " ".join(argv or [])).strip()
     lines += ["", ("`full` = no cap (same text, same questions); `am-repeat` = Attention Matching at ratio 0.5 with "
-                   "repeat-prefill queries; `am-both` = with repeat and recorded queries; `am-recorded` = with the newest "
-              "256 tokens' queries; `h2o`/`snapkv` = eviction at the same schedule; `streaming` = 4 sinks + recent "
-              "window (evicts 32 slots at a time; the key leaves its window at the first eviction)."), "",
-              f"95% Wilson intervals and every answer are in passkey_online.json. Reproduce: `{command}`"]
+                   "repeat-prefill queries; `am-both` = with repeat and recorded queries (the `am` default); "
+                   "`am-recorded` = with the newest 256 tokens' queries; `h2o`/`snapkv` = eviction at the same "
+                   "schedule; `streaming` = 4 sinks + recent window (evicts 32 slots at a time; the key leaves its "
+                   "window at the first eviction)."), "",
+              f"95% Wilson intervals and every answer are in {args.name}.json. Reproduce: `{command}`"]
     text = "\n".join(lines)
     if not args.no_write:
-        write_results("passkey_online", {"benchmark": "passkey-online", "config": vars(args), "trials": trials,
+        write_results(args.name, {"benchmark": "passkey-online", "config": vars(args), "trials": trials,
                                          "summary": summary, "records": records, "command": command}, text)
-        _plot(summary, args.policies, ks, results_dir() / "passkey_online.png", args.mem_cap)
+        _plot(summary, args.policies, ks, results_dir() / f"{args.name}.png", args.mem_cap)
     return text
 
 
