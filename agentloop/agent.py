@@ -61,6 +61,7 @@ class ChatFormat:
             raise AgentloopError("this model's tokenizer has no chat template; the agent loop needs a chat model")
         self.tokenizer, self.tools = tokenizer, tools
         self.native_tools = "tools" in template  # the template renders `tools=` itself
+        self.plain_roles = False  # set once the template refuses tool turns: they become user turns from then on
 
     def render(self, messages: list[dict]) -> str:
         """The conversation as text, ending with the assistant's generation prompt."""
@@ -68,11 +69,22 @@ class ChatFormat:
         options = {"tools": self.tools} if self.tools and self.native_tools else {}
         if self.tools and not self.native_tools:
             messages = self._with_preamble(messages)
+        if not self.plain_roles:
+            try:
+                return self._apply(messages, options)
+            except AgentloopError:
+                if not any(m["role"] == "tool" for m in messages):
+                    raise
+                self.plain_roles = True
+        return self._apply(_plain_roles(messages), options)
+
+    def _apply(self, messages: list[dict], options: dict) -> str:
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **options)
         except Exception as exc:  # a role or an order of turns the template refuses (jinja raise_exception)
-            raise AgentloopError(f"the chat template refused the conversation ({exc}); use a model whose template "
-                                 "accepts system, user, assistant and tool turns") from None
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise AgentloopError(f"the chat template refused the conversation ({reason}); use a model whose "
+                                 "template accepts system, user and assistant turns") from None
 
     def _with_preamble(self, messages: list[dict]) -> list[dict]:
         preamble = TOOL_PREAMBLE.format(signatures="\n".join(_signature(t["function"]) for t in self.tools))
@@ -94,6 +106,19 @@ class ChatFormat:
 
     def encode(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def _plain_roles(messages: list[dict]) -> list[dict]:
+    """For templates without a tool role: tool results as user turns, and turns of one role in a row merged."""
+    plain: list[dict] = []
+    for m in messages:
+        if m["role"] == "tool":
+            m = {"role": "user", "content": f"[{m.get('name') or 'tool'} result]\n{m['content']}"}
+        if plain and plain[-1]["role"] == m["role"]:
+            plain[-1] = {"role": m["role"], "content": plain[-1]["content"] + "\n\n" + m["content"]}
+        else:
+            plain.append({"role": m["role"], "content": m["content"]})
+    return plain
 
 
 class MemoryStats(BaseModel):

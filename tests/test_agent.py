@@ -82,6 +82,35 @@ def test_multi_step_run_feeds_each_token_once(tiny_chat, workspace):
     assert agent._chat.tokenizer.decode(rendered[len(agent.session.token_ids):]).startswith("<|im_end|>")
 
 
+STRICT_TEMPLATE = (  # no tool role, and turns must alternate: as many templates of models without tool support
+    "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool role') }}{% endif %}"
+    "{% if loop.index0 > 0 and messages[loop.index0 - 1]['role'] == m['role'] %}"
+    "{{ raise_exception('roles must alternate') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_without_a_tool_role_gets_results_as_user_turns(tiny_chat, workspace):
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_chat.tokenizer)
+    tokenizer.chat_template = STRICT_TEMPLATE
+    strict = LoadedModel(model=tiny_chat.model, tokenizer=tokenizer, name="strict", source="config")
+    agent = make_agent(strict, workspace, call("read_file", path="notes.txt") + call("list_dir"), "Buy milk.")
+    finish = agent.run()
+    assert (finish.reason, finish.tool_calls) == ("final_answer", 2)
+    assert [m["role"] for m in agent.transcript] == ["user", "assistant", "tool", "tool", "assistant"]
+    text = tokenizer.decode(agent.session.token_ids)
+    # the two results of one reply arrive as one user turn, each under its tool's name
+    assert "<|im_start|>user\n[read_file result]\nBuy milk.\n\n\n[list_dir result]\n" in text
+    rendered = full_render(agent)  # still fed append-only: the cache equals a full render of the transcript
+    assert agent.session.token_ids == rendered[:len(agent.session.token_ids)]
+    # a refusal that is not about tool turns stops the run with the template's reason
+    tokenizer.chat_template = STRICT_TEMPLATE.replace("'tool'", "'system'").replace("no tool role", "no system role")
+    finish = make_agent(strict, workspace, "ok", system="Be brief.").run()
+    assert finish.reason == "error" and "chat template refused the conversation (no system role)" in finish.message
+
+
 def test_the_model_sees_tools_and_call_format_in_the_system_prompt(tiny_chat, workspace):
     agent = make_agent(tiny_chat, workspace, "Done.", system="You are careful.")
     agent.run()
