@@ -51,15 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from agentloop.chat import encode_messages
-    from agentloop.cli import _quiet_transformers
-    from agentloop.evals import write_results
-    from agentloop.models import load_model
+    from agentloop.evals import load_eval_model, write_results
 
-    _quiet_transformers()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ours_model = load_model(args.model)
-    hf_model = load_model(args.model).model  # a separate stock copy (SDPA, no agentloop attention)
+    ours_model = load_eval_model(args.model)
+    hf_model = load_eval_model(args.model).model  # a separate stock copy (SDPA, no agentloop attention)
     prompt_ids = encode_messages(ours_model.tokenizer, [{"role": "user", "content": PROMPT}])
 
     _ours(ours_model, prompt_ids, 16, args.mem_cap)  # warm-up both paths

@@ -77,13 +77,14 @@ def span_budgets(proportions, mode, layers: int, kv_heads: int, span_len: int, r
 
 
 def run(args) -> dict:
-    from agentloop import Session, load_model
+    from agentloop import Session
     from agentloop.compaction.budgets import load_budgets
     from agentloop.compaction.solver import evaluate
     from agentloop.compaction.span import compact_span
+    from agentloop.evals import load_eval_model
     from agentloop.evals.text import prose_ids
 
-    loaded = load_model(args.model)
+    loaded = load_eval_model(args.model)
     rows = []
     for c in range(args.contexts):
         ids = prose_ids(loaded.tokenizer, args.tokens, start_essay=3 * c)
@@ -237,10 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
-    from agentloop.cli import _quiet_transformers
     from agentloop.evals import results_dir, write_results
 
-    _quiet_transformers()
     torch.manual_seed(args.seed)
     data = run(args)
     summary = summarize(data["rows"], [label for label, *_ in variants(args.methods, args.budgets)], args.ratios)
