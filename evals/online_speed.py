@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="policies run under the cap")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="online_speed", help="results file name under evals/results")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
@@ -84,6 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         from agentloop.evals import write_results
 
-        write_results("online_speed", {"benchmark": "online-speed", "config": vars(args), "summary": summary,
+        write_results(args.name, {"benchmark": "online-speed", "config": vars(args), "summary": summary,
                                        "runs": runs, "command": command}, text)
     return 0
