@@ -32,7 +32,9 @@ class AttentionMatchingPolicy(MemoryPolicy):
     pin_prompt: bool = False  # also keep the first prompt verbatim (e.g. a system prompt)
     method: str = "am-hak-fast"  # a compaction method of agentloop.compaction.span.NAMED_METHODS
     # reference queries; both sources by default: in the online-fidelity replay (evals/results/online_fidelity.md)
-    # repeat-prefill alone or recorded alone fell behind eviction, the two together matched the best of it
+    # repeat-prefill alone or recorded alone fell behind eviction, the two together matched the best of it. For
+    # long-range memory `repeat` alone is better: it kept a pass key through 5-8 halvings where the mix kept it
+    # through 2-3 (evals/results/passkey_online_qwen.md)
     queries: Literal["repeat", "recorded", "repeat+recorded"] = "repeat+recorded"
     record_window: int = 256  # decode-time tokens whose queries `recorded` keeps
     max_queries: int = 4096  # reference queries per KV head
