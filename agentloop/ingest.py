@@ -9,6 +9,7 @@ prefilled and compacted piece by piece, so the cache never holds more than one p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,7 +51,7 @@ def ingest_result(session, ids: list[int], spec: IngestSpec, task_ids: list[int]
     pos, piece_no = 0, 0
     while pos < len(ids):
         left = len(ids) - pos
-        size = -(-left // -(-left // spec.piece_tokens))  # near-equal pieces of at most piece_tokens
+        size = math.ceil(left / math.ceil(left / spec.piece_tokens))  # near-equal pieces of at most piece_tokens
         room = session.free_tokens()
         if room is not None and least <= room < size:
             size = room
