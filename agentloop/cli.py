@@ -192,10 +192,8 @@ def cmd_run(args) -> int:
         print(stop.text)
     if not args.json and not args.quiet:
         console.print(f"[bold]stop[/]: {stop.reason}{' - ' + stop.message if stop.message else ''}; "
-                      f"{stop.new_tokens} tokens, {stop.tokens_per_second:.1f} tok/s; peak cache "
-                      f"{format_bytes(stop.peak_bytes)}"
-                      + (f" of {format_bytes(stop.cap_bytes)} cap" if stop.cap_bytes else "")
-                      + f"; {stop.policy_actions} policy actions; trace {trace_path}")
+                      f"{stop.new_tokens} tokens, {stop.tokens_per_second:.1f} tok/s; "
+                      f"{_peak(stop.peak_bytes, stop.cap_bytes)}; {stop.policy_actions} policy actions; trace {trace_path}")
     return 3 if stop.error else 0
 
 
@@ -205,7 +203,7 @@ def cmd_agent(task, args) -> int:
     from rich.markup import escape
 
     from agentloop.agent import Agent
-    from agentloop.memcap import format_bytes, parse_mem_cap
+    from agentloop.memcap import parse_mem_cap
     from agentloop.view import AgentView, describe_agent_event
 
     console = Console(stderr=True, soft_wrap=True)  # log lines are not cut at 80 columns when piped
@@ -246,9 +244,8 @@ def cmd_agent(task, args) -> int:
     if chatty:
         console.print(f"[bold]finish[/]: {finish.reason}{' - ' + escape(finish.message) if finish.message else ''}; "
                       f"{finish.steps} steps, {finish.tool_calls} tool calls, {finish.ingestions} ingestion and "
-                      f"{finish.policy_actions} online compactions; peak cache {format_bytes(finish.peak_bytes)}"
-                      + (f" of {format_bytes(finish.cap_bytes)} cap" if finish.cap_bytes else "")
-                      + f"; trace {trace_path}")
+                      f"{finish.policy_actions} online compactions; {_peak(finish.peak_bytes, finish.cap_bytes)}; "
+                      f"trace {trace_path}")
     return 3 if finish.error else 0
 
 
@@ -265,3 +262,9 @@ def cmd_eval(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _peak(peak_bytes: int, cap_bytes: int | None) -> str:
+    from agentloop.memcap import format_bytes
+
+    return f"peak cache {format_bytes(peak_bytes)}" + (f" of {format_bytes(cap_bytes)} cap" if cap_bytes else "")
