@@ -35,6 +35,12 @@ def load_eval_model(spec: str):
     return load_model(spec)
 
 
+def add_output_options(parser, name: str) -> None:
+    """--name (results file name, default `name`) and --no-write, for evals whose results are written per trial."""
+    parser.add_argument("--name", default=name, help="results file name under evals/results")
+    parser.add_argument("--no-write", action="store_true", help="print, do not write evals/results")
+
+
 def write_results(name: str, data: dict, markdown: str) -> Path:
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)

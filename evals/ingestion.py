@@ -95,6 +95,8 @@ def _measure(session, suffix: list[int], key: str, answer_tokens: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from agentloop.evals import add_output_options
+
     parser = argparse.ArgumentParser(prog="agentloop eval ingestion", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -113,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queries", type=int, default=4096)
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default="ingestion", help="results file name under evals/results")
-    parser.add_argument("--no-write", action="store_true")
+    add_output_options(parser, "ingestion")
     args = parser.parse_args(argv)
 
     from agentloop import Session

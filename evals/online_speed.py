@@ -33,6 +33,8 @@ def timed_run(loaded, prompt_ids: list[int], tokens: int, cap: str | None, polic
 
 
 def main(argv: list[str] | None = None) -> int:
+    from agentloop.evals import add_output_options
+
     parser = argparse.ArgumentParser(prog="agentloop eval online-speed", description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tokens", type=int, default=1200)
@@ -41,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="policies run under the cap")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default="online_speed", help="results file name under evals/results")
-    parser.add_argument("--no-write", action="store_true")
+    add_output_options(parser, "online_speed")
     args = parser.parse_args(argv)
 
     from agentloop.chat import encode_messages

@@ -57,6 +57,8 @@ def run_trial(loaded, policy, cap: str, prompt, prose, question, key, args, ask_
 
 
 def main(argv: list[str] | None = None) -> int:
+    from agentloop.evals import add_output_options
+
     parser = argparse.ArgumentParser(prog="agentloop eval passkey-online", description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--trials", type=int, default=20)
@@ -67,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prose-tokens", type=int, default=2400, help="prose available after the key")
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default="passkey_online", help="results file name under evals/results")
-    parser.add_argument("--no-write", action="store_true")
+    add_output_options(parser, "passkey_online")
     args = parser.parse_args(argv)
 
     from agentloop.evals import load_eval_model
