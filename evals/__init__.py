@@ -16,6 +16,7 @@ EVALS: dict[str, tuple[str, str]] = {
     "passkey-online": ("agentloop.evals.passkey_online", "pass key in the prompt, asked after k online compactions"),
     "online-speed": ("agentloop.evals.online_speed", "tok/s of a run with online compactions vs uncapped"),
     "compaction-speed": ("agentloop.evals.compaction_speed", "seconds and GFLOP/s per stage of am-hak-fast, by span length"),
+    "gsm8k": ("agentloop.evals.gsm8k", "GSM8K accuracy under a KV cap (online compaction) vs uncapped"),
     "ingestion": ("agentloop.evals.ingestion", "pass key in a long tool result compacted on ingestion vs whole vs truncated"),
 }
 

@@ -25,12 +25,14 @@ AFTER = 6  # report the continuation after this many compactions separately
 
 def policy_for(name: str, seed: int, protect_recent: int = 20):
     """The named policy of this benchmark: `am-repeat`, `am-recorded` and `am-both` are `am` with repeat-prefill
-    queries, decode-time queries, or both (`am`'s default)."""
+    queries, decode-time queries, or both (`am`'s default); with `-all` appended (`am-both-all`) each compaction
+    re-reads the whole context (the paper's protocol) instead of only the text added since the previous one."""
     from agentloop.policies import make_policy
 
-    if name in ("am-repeat", "am-recorded", "am-both"):
-        queries = {"am-repeat": "repeat", "am-recorded": "recorded", "am-both": "repeat+recorded"}[name]
-        return make_policy("am", queries=queries, seed=seed, protect_recent=protect_recent)
+    base, reread = (name[:-4], "all") if name.endswith("-all") else (name, "new")
+    if base in ("am-repeat", "am-recorded", "am-both"):
+        queries = {"am-repeat": "repeat", "am-recorded": "recorded", "am-both": "repeat+recorded"}[base]
+        return make_policy("am", queries=queries, reread=reread, seed=seed, protect_recent=protect_recent)
     if name in ("am", "h2o", "snapkv"):
         return make_policy(name, seed=seed, protect_recent=protect_recent)
     return make_policy(name)

@@ -61,6 +61,8 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from agentloop.evals import add_output_options
+
     parser = argparse.ArgumentParser(prog="agentloop eval passkey", description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--trials", type=int, default=50)
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queries", type=int, default=4096)
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-write", action="store_true")
+    add_output_options(parser, "passkey")
     args = parser.parse_args(argv)
 
     from agentloop import Session
@@ -133,12 +135,12 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
     for method in args.methods:
         lines.append(f"| {method} | " + " | ".join(f"{summary[method][str(r)]['accuracy']:.0%}" for r in args.ratios) + " |")
     command = ("agentloop eval passkey " + " ".join(argv or [])).strip()
-    lines += ["", f"95% Wilson intervals and every answer are in passkey.json. Reproduce: `{command}`"]
+    lines += ["", f"95% Wilson intervals and every answer are in {args.name}.json. Reproduce: `{command}`"]
     text = "\n".join(lines)
     if not args.no_write:
-        write_results("passkey", {"benchmark": "passkey", "config": vars(args), "trials": trials, "summary": summary,
+        write_results(args.name, {"benchmark": "passkey", "config": vars(args), "trials": trials, "summary": summary,
                                   "records": records, "command": command}, text)
-        _plot(summary, args.methods, args.ratios, full_acc, results_dir() / "passkey.png")
+        _plot(summary, args.methods, args.ratios, full_acc, results_dir() / f"{args.name}.png")
     return text
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from agentloop.compaction.queries import RepeatMemory
 from agentloop.compaction.span import compact_span
 from agentloop.policies.base import MemoryPolicy, Room
 
@@ -36,11 +37,15 @@ class AttentionMatchingPolicy(MemoryPolicy):
     # long-range memory `repeat` alone is better: it kept a pass key through 5-8 halvings where the mix kept it
     # through 2-3 (evals/results/passkey_online_qwen.md)
     queries: Literal["repeat", "recorded", "repeat+recorded"] = "repeat+recorded"
+    # `new`: each compaction re-reads only the text added since the previous one and reuses the queries kept
+    # from earlier re-reads (compaction time bounded by the cap); `all`: the paper's protocol, re-read everything
+    reread: Literal["new", "all"] = "new"
     record_window: int = 256  # decode-time tokens whose queries `recorded` keeps
     max_queries: int = 4096  # reference queries per KV head
     max_compactions: int | None = None  # after this many, decline: the run stops at the cap (then answers)
     seed: int = 0
     compactions: int = field(default=0, init=False)
+    repeat_memory: RepeatMemory = field(init=False, repr=False)
 
     def __post_init__(self):
         from agentloop.compaction.span import NAMED_METHODS
@@ -53,6 +58,9 @@ class AttentionMatchingPolicy(MemoryPolicy):
             raise ValueError(f"unknown query source {self.queries!r}; choose one of {', '.join(QUERY_SOURCES)}")
         if self.protect_recent < 0:
             raise ValueError(f"protect_recent must be >= 0, got {self.protect_recent}")
+        if self.reread not in ("new", "all"):
+            raise ValueError(f"reread must be 'new' or 'all', got {self.reread!r}")
+        self.repeat_memory = RepeatMemory(self.max_queries)
 
     def at_limit(self) -> bool:
         return self.max_compactions is not None and self.compactions >= self.max_compactions
@@ -72,11 +80,16 @@ class AttentionMatchingPolicy(MemoryPolicy):
         # the text behind the region: the pinned head is verbatim, so the region starts at logical position
         # `start`; the protected tail is verbatim too, so the region ends `protect_recent` tokens before the end
         context_ids = session.token_ids[start:len(session.token_ids) - self.protect_recent]
+        seed = self.seed + self.compactions
+        memo = {}
+        if "repeat" in self.queries and self.reread == "new":
+            memo["repeat"] = self.repeat_memory.queries(session, context_ids, seed)
         stats = compact_span(session, start, end, kept, method=self.method, sources=QUERY_SOURCES[self.queries],
-                             context_ids=context_ids, max_queries=self.max_queries, seed=self.seed + self.compactions)
+                             context_ids=context_ids, max_queries=self.max_queries, seed=seed, memo=memo)
         self.compactions += 1
         return {"action": "compact", "compaction": self.compactions, "region": [start, end], "kept": stats.kept,
                 "logical_tokens": len(context_ids), "queries": stats.queries,
+                "kept_query_bytes": self.repeat_memory.nbytes(),
                 "output_error": round(float(stats.output_error.mean()), 5),
                 "mass_error": round(float(stats.mass_error.mean()), 5),
                 "stage_seconds": {k: round(v, 3) for k, v in stats.seconds.items()}}

@@ -93,3 +93,37 @@ def test_eviction_baselines_keep_original_slots(tiny_llama, name):
 def test_bad_policy_options_are_clear_errors(options, message):
     with pytest.raises(AgentloopError, match=message):
         make_policy("am", **options)
+
+
+def test_rotated_queries_match_a_later_read(tiny_llama):
+    """Layer 0's queries depend on the token and its position only, so a re-read `shift` tokens later must give
+    the earlier read's queries rotated by `shift` positions."""
+    from agentloop.compaction.queries import rope_frequencies, rotate
+
+    session, ids, shift = Session(tiny_llama), _prompt(12, seed=3), 37
+    list(session.feed(_prompt(20)))
+    early = session.probe(ids)[0]
+    list(session.feed(_prompt(shift, seed=2)))
+    later = session.probe(ids)[0]
+    moved = rotate({0: early}, shift, rope_frequencies(session))[0]
+    assert not torch.allclose(early, later, atol=1e-3)
+    torch.testing.assert_close(moved, later, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reread", ["new", "all"])
+def test_reread_new_reads_only_the_text_added_since_the_last_compaction(tiny_llama, reread):
+    policy = make_policy("am", queries="repeat", reread=reread, max_queries=256)
+    session = Session(tiny_llama, cap="64tok", policy=policy)
+    probed = []
+    probe = session.probe
+    session.probe = lambda ids, **kw: probed.append(len(ids)) or probe(ids, **kw)
+    list(session.feed(_prompt(24)))
+    events = list(session.generate(GenerationSettings(max_new_tokens=300, temperature=1.0, seed=1, ignore_eos=True)))
+    logical = [e.details["logical_tokens"] for e in events if e.kind == "policy"]
+    assert len(logical) >= 6 and session.peak_bytes <= session.cap_bytes
+    if reread == "all":  # bare model: the repeat prompt is the text itself
+        assert probed == logical
+    else:
+        assert probed == [logical[0]] + [b - a for a, b in zip(logical, logical[1:], strict=False)]
+        assert max(probed[1:]) < 64 < logical[-1]
+        assert all(q.shape[1] <= 256 for q in policy.repeat_memory.rows.values())

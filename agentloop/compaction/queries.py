@@ -107,6 +107,60 @@ def repeat_queries(session, context_ids: list[int]) -> dict[int, torch.Tensor]:
     return session.probe(ids)
 
 
+class RepeatMemory:
+    """Repeat-prefill queries kept between online compactions, so that each compaction re-reads only the text
+    added since the previous one (re-reading the whole context costs a prefill of the logical length each time).
+
+    `rows` {layer: [kv_heads, n, d]} are what a re-read of all of `ids` at logical length `at_len` gives,
+    subsampled to `max_rows` per KV head in proportion to the text each part stands for. Before reuse they are
+    moved to the current length by a RoPE rotation (exact for the position part of a post-RoPE query; the rest of
+    each query still reflects the cache it was read against)."""
+
+    def __init__(self, max_rows: int | None):
+        self.max_rows = max_rows
+        self.rows: dict[int, torch.Tensor] = {}
+        self.ids: list[int] = []
+        self.at_len = 0
+
+    def queries(self, session, context_ids: list[int], seed: int) -> dict[int, torch.Tensor]:
+        inv_freq = rope_frequencies(session)
+        known = len(self.ids) if inv_freq is not None and context_ids[:len(self.ids)] == self.ids else 0
+        now = session.cache.logical_len
+        # the new text is read right after the instruction; a full re-read would put it `known` tokens later
+        fresh = rotate(repeat_queries(session, context_ids[known:]), known, inv_freq)
+        parts = [(fresh, max(1, len(context_ids) - known))]
+        if known:
+            parts.append((rotate(self.rows, now - self.at_len, inv_freq), known))
+        self.rows = combine(parts, self.max_rows, seed)
+        self.ids, self.at_len = list(context_ids), now
+        return self.rows
+
+    def nbytes(self) -> int:
+        return sum(q.numel() * q.element_size() for q in self.rows.values())
+
+
+def rope_frequencies(session) -> torch.Tensor | None:
+    """The model's RoPE inverse frequencies [head_dim / 2], or None if its rotary embedding is not the plain kind."""
+    rotary = getattr(session.model.model, "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    head_dim = session.cache.layers[session.cache.compactable[0]].keys.shape[-1]
+    return inv_freq if inv_freq is not None and 2 * inv_freq.numel() == head_dim else None
+
+
+def rotate(queries: dict[int, torch.Tensor], shift: int, inv_freq: torch.Tensor | None) -> dict[int, torch.Tensor]:
+    """Post-RoPE queries moved `shift` positions later: each (i, i + d/2) pair rotated by shift * inv_freq[i]."""
+    if not shift or inv_freq is None:
+        return queries
+    out = {}
+    for layer_idx, q in queries.items():
+        angle = shift * inv_freq.to(q.device, torch.float64)
+        cos, sin = (torch.cat([f(angle), f(angle)]).to(q.dtype) for f in (torch.cos, torch.sin))  # [d]
+        half = q.shape[-1] // 2
+        rotated_half = torch.cat([-q[..., half:], q[..., :half]], dim=-1)
+        out[layer_idx] = q * cos + rotated_half * sin
+    return out
+
+
 def self_study_queries(session, max_new_tokens: int = 48, seed: int = 0) -> dict[int, torch.Tensor]:
     """The model answers short study prompts about the context; the queries of prompt + answer are kept."""
     parts = [(session.probe(turn_ids(session.tokenizer, prompt), generate=max_new_tokens, seed=seed + k), 1.0)
