@@ -47,15 +47,15 @@ def load_gsm8k(path: str, limit: int | None) -> list[dict]:
     return problems
 
 
-def _number(text: str) -> float | None:
+def _number(text: str, first: bool = False) -> float | None:
     found = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
-    return float(found[-1]) if found else None
+    return float(found[0 if first else -1]) if found else None
 
 
 def parse_answer(text: str) -> float | None:
-    """The number after the last "answer is", else the last number of the text."""
-    tail = text.lower().rpartition("answer is")[2] if "answer is" in text.lower() else text
-    return _number(tail) if _number(tail) is not None else _number(text)
+    """The first number after the last "answer is", else the last number of the text."""
+    stated = _number(text.lower().rpartition("answer is")[2], first=True) if "answer is" in text.lower() else None
+    return stated if stated is not None else _number(text)
 
 
 def solve(loaded, prompt_ids: list[int], cap: str | None, policy, max_new_tokens: int) -> dict:

@@ -155,7 +155,8 @@ def _markdown(args, argv, rows: dict, ref_nll: float, n: int, prompt_tokens: int
         lines += ["", "Median fit error per compaction (relative attention-output error on the fitting queries): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in medians.items()) + "."]
     lines += ["", (f"`am-repeat` = Attention Matching (am-hak-fast, ratio 0.5, {args.protect_recent} newest tokens "
-                   "protected) with repeat-prefill queries of the whole context (the paper's protocol); `am-recorded` = "
+                   "protected) with repeat-prefill queries, re-reading at each compaction only the text added since "
+                   "the previous one (`-all`: the whole context, the paper's protocol); `am-recorded` = "
                    "the same with the queries of the newest 256 tokens; `am-both` = both sources (policy `am`'s default); "
               "`h2o`/`snapkv` = eviction at the same schedule scored by the newest 256 tokens' queries; `streaming` = "
               "4 sinks + recent window; `truncate` = keeps the prompt, drops the oldest tokens after it."),

@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in summary.items():
         lines.append(f"| {name} | {s['tok_s_median']:.2f} | {s['ratio_median']:.3f}x | {s['compactions']} | "
                      f"{s['compaction_fraction']:.1%} | {s['logical']} / {s['physical']} |")
-    lines += ["", f"Reproduce: `{command}`"]
+    lines += ["", ("`am-both` = policy `am` as configured by default (repeat-prefill + recorded queries; each compaction "
+                   "re-reads only the text added since the previous one); `-all` = re-reading the whole context at "
+                   "every compaction (the paper's protocol); `am-repeat` / `am-recorded` = one query source."),
+              "", f"Reproduce: `{command}`"]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:

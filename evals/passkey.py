@@ -42,6 +42,16 @@ def correct(answer: str, key: str) -> bool:
     return key in re.findall(r"\d+", answer)
 
 
+def digits_recalled(answer: str, key: str) -> float:
+    """Share of the key's digits the best number in `answer` gets right in order (5 of 5 = the key itself;
+    "7369" for 73691 is 4 of 5): shows a key that is partly kept when the exact answer fails."""
+    from difflib import SequenceMatcher
+
+    matched = [sum(b.size for b in SequenceMatcher(None, key, n, autojunk=False).get_matching_blocks())
+               for n in re.findall(r"\d+", answer)]
+    return max(matched, default=0) / len(key)
+
+
 def answer(session, suffix: list[int], max_new_tokens: int) -> str:
     from agentloop import GenerationSettings
 

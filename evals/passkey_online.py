@@ -12,7 +12,7 @@ import argparse
 import random
 import time
 
-from agentloop.evals.passkey import ANSWER_PREFIX, QUESTION, answer, correct, wilson
+from agentloop.evals.passkey import ANSWER_PREFIX, QUESTION, answer, correct, digits_recalled, wilson
 
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 DEFAULT_POLICIES = ("am-repeat", "full", "am-both", "am-recorded", "h2o", "snapkv", "streaming")  # the first sets the schedule
@@ -108,8 +108,10 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
         for k in ks:
             sel = [r for r in records if r["policy"] == name and r["k"] == k]
             hits = sum(r["correct"] for r in sel)
+            digits = [digits_recalled(r["answer"], r["key"]) for r in sel]
             summary.setdefault(name, {})[str(k)] = {"accuracy": hits / len(sel) if sel else None, "n": len(sel),
-                                                    "ci95": wilson(hits, len(sel))}
+                                                    "ci95": wilson(hits, len(sel)),
+                                                    "digits": sum(digits) / len(sel) if sel else None}
     over_cap = [r for r in records if r["cap_bytes"] is not None and r["peak_bytes"] > r["cap_bytes"]]
     lines = [f"# Pass key through k online compactions ({args.model}, cap {args.mem_cap})", "",
              (f"{trials} trials; a five-digit pass key in the first user turn, then prose ingested in "
@@ -117,13 +119,20 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
               f"compaction of `{args.policies[0]}`, and every other policy is asked after the same amount of text. "
               f"Runs whose peak cache bytes exceeded the cap: {len(over_cap)}."), "",
              "| policy | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-    for name in args.policies:
-        cells = [summary[name][str(k)] for k in ks]
-        lines.append(f"| {name} | " + " | ".join("—" if c["accuracy"] is None else f"{c['accuracy']:.0%}"
-                                                 for c in cells) + " |")
+    for metric, heading in (("accuracy", None), ("digits", "Digits of the key recalled in order (mean share; a "
+                            "number unrelated to the key scores about 0.1-0.2 by chance):")):
+        if heading:
+            lines += ["", heading, "", "| policy | " + " | ".join(f"k={k}" for k in ks) + " |",
+                      "|---|" + "---|" * len(ks)]
+        for name in args.policies:
+            cells = [summary[name][str(k)][metric] for k in ks]
+            lines.append(f"| {name} | " + " | ".join("—" if c is None else (f"{c:.0%}" if metric == "accuracy"
+                                                                             else f"{c:.2f}") for c in cells) + " |")
     command = ("agentloop eval passkey-online " + " ".join(argv or [])).strip()
     lines += ["", ("`full` = no cap (same text, same questions); `am-repeat` = Attention Matching at ratio 0.5 with "
-                   "repeat-prefill queries; `am-both` = with repeat and recorded queries (the `am` default); "
+                   "repeat-prefill queries, re-reading at each compaction only the text added since the previous one "
+                   "(`-all`: re-reading the whole context, the paper's protocol); `am-both` = with repeat and "
+                   "recorded queries (the `am` default); "
                    "`am-recorded` = with the newest 256 tokens' queries; `h2o`/`snapkv` = eviction at the same "
                    "schedule; `streaming` = 4 sinks + recent window (evicts 32 slots at a time; the key leaves its "
                    "window at the first eviction)."), "",
