@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="GSM8K test JSONL (question, answer ending in '#### N')")
     parser.add_argument("--limit", type=int, default=20, help="first N problems")
     parser.add_argument("--mem-cap", default="160tok", help="physical KV cap of the capped runs")
-    parser.add_argument("--policies", nargs="+", default=["am-repeat", "snapkv", "streaming"],
+    parser.add_argument("--policies", nargs="+", default=["am-both", "snapkv", "streaming"],
                         help="policies under the cap (names of agentloop eval online-fidelity)")
     parser.add_argument("--max-new-tokens", type=int, default=400)
     add_output_options(parser, "gsm8k")
@@ -142,9 +142,10 @@ def _report(args, records: list[dict], argv: list[str] | None, model: str) -> st
         lo, hi = s["ci95"]
         lines.append(f"| {name} | {s['accuracy']:.0%} [{lo:.0%}, {hi:.0%}] | {s['compactions_median']:g} / "
                      f"{s['compactions_max']} | {s['runs_with_2_or_more']} / {s['n']} | {s['logical_max']} |")
-    lines += ["", ("`am-repeat` = Attention Matching at ratio 0.5 with repeat-prefill queries, 20 newest tokens kept; "
-                   "`snapkv` = eviction at the same schedule; `streaming` = sink slots and a recent window. "
-                   "Every answer is in the JSON file."), "", f"Reproduce: `{command}`"]
+    lines += ["", ("`am-both` = policy `am` as configured by default (Attention Matching at ratio 0.5, 20 newest tokens "
+                   "kept, repeat-prefill + recorded queries); `am-repeat` = repeat-prefill queries only; `snapkv` = "
+                   "eviction at the same schedule; `streaming` = sink slots and a recent window. Every answer is in "
+                   "the JSON file."), "", f"Reproduce: `{command}`"]
     text = "\n".join(lines)
     if not args.no_write:
         write_results(args.name, {"benchmark": "gsm8k", "config": vars(args), "summary": summary, "records": records,

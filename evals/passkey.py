@@ -9,6 +9,7 @@ A trial is correct when the answer contains the pass key.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import re
@@ -83,19 +84,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queries", type=int, default=4096)
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the trials already in evals/results/<name>.json (same settings) and run the rest")
     add_output_options(parser, "passkey")
     args = parser.parse_args(argv)
+    argv = [a for a in argv or [] if a != "--resume"]
 
     from agentloop import Session
     from agentloop.compaction.span import compact_span
     from agentloop.evals import load_eval_model
 
+    records = _earlier_records(args) if args.resume else []
+    done = {r["trial"] for r in records}
     loaded = load_eval_model(args.model)
     rng = random.Random(args.seed)
-    records = []
     for trial in range(args.trials):
         tic = time.perf_counter()
         prefix, context, suffix, key = make_trial(loaded.tokenizer, rng, args.min_tokens, args.max_tokens)
+        if trial in done:  # made anyway: the random stream of the later trials stays the same
+            continue
         base = Session(loaded)
         for _ in base.feed(prefix + context, record=True):
             pass
@@ -122,6 +129,26 @@ def main(argv: list[str] | None = None) -> int:
 
     print(_report(args, records, argv))
     return 0
+
+
+def _earlier_records(args) -> list[dict]:
+    """The records of an earlier run of the same settings (--resume), complete trials only."""
+    from agentloop.errors import AgentloopError
+    from agentloop.evals import results_dir
+
+    path = results_dir() / f"{args.name}.json"
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    same = ("model", "min_tokens", "max_tokens", "methods", "ratios", "max_queries", "answer_tokens", "seed")
+    changed = [k for k in same if earlier["config"].get(k) != getattr(args, k)]
+    if changed:
+        raise AgentloopError(f"--resume: {path} was run with other settings ({', '.join(changed)}); "
+                             "resume with the same settings, or give another --name")
+    per_trial = 1 + len(args.methods) * len(args.ratios)
+    trials = [t for t in {r["trial"] for r in earlier["records"]}
+              if sum(r["trial"] == t for r in earlier["records"]) == per_trial]
+    return [r for r in earlier["records"] if r["trial"] in trials]
 
 
 def _report(args, records: list[dict], argv: list[str] | None) -> str:

@@ -111,7 +111,7 @@ class RepeatMemory:
     """Repeat-prefill queries kept between online compactions, so that each compaction re-reads only the text
     added since the previous one (re-reading the whole context costs a prefill of the logical length each time).
 
-    `rows` {layer: [kv_heads, n, d]} are what a re-read of all of `ids` at logical length `at_len` gives,
+    `rows` {layer: [kv_heads, n, d]} (float16) are what a re-read of all of `ids` at logical length `at_len` gives,
     subsampled to `max_rows` per KV head in proportion to the text each part stands for. Before reuse they are
     moved to the current length by a RoPE rotation (exact for the position part of a post-RoPE query; the rest of
     each query still reflects the cache it was read against)."""
@@ -130,10 +130,12 @@ class RepeatMemory:
         fresh = rotate(repeat_queries(session, context_ids[known:]), known, inv_freq)
         parts = [(fresh, max(1, len(context_ids) - known))]
         if known:
-            parts.append((rotate(self.rows, now - self.at_len, inv_freq), known))
-        self.rows = combine(parts, self.max_rows, seed)
+            kept = {i: q.float() for i, q in self.rows.items()}
+            parts.append((rotate(kept, now - self.at_len, inv_freq), known))
+        mixed = combine(parts, self.max_rows, seed)
+        self.rows = {i: q.to(torch.float16) for i, q in mixed.items()}  # kept between compactions: half the bytes
         self.ids, self.at_len = list(context_ids), now
-        return self.rows
+        return mixed
 
     def nbytes(self) -> int:
         return sum(q.numel() * q.element_size() for q in self.rows.values())
