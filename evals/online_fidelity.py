@@ -38,12 +38,13 @@ def policy_for(name: str, seed: int, protect_recent: int = 20):
     return make_policy(name)
 
 
-def generate_continuation(loaded, prompt_ids: list[int], tokens: int, seed: int) -> list[int]:
+def generate_continuation(loaded, prompt_ids: list[int], tokens: int, seed: int,
+                          repetition_penalty: float = REPETITION_PENALTY) -> list[int]:
     from agentloop import GenerationSettings, Session
 
     session = Session(loaded)
     list(session.feed(prompt_ids))
-    settings = GenerationSettings(max_new_tokens=tokens, temperature=0.8, top_p=0.95, repetition_penalty=REPETITION_PENALTY,
+    settings = GenerationSettings(max_new_tokens=tokens, temperature=0.8, top_p=0.95, repetition_penalty=repetition_penalty,
                                   seed=seed, ignore_eos=True)
     return [e.token_id for e in session.generate(settings) if e.kind == "token"]
 
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES))
     parser.add_argument("--chunk", type=int, default=16, help="teacher-forcing chunk (the policy acts between chunks)")
     parser.add_argument("--protect-recent", type=int, default=20, help="newest tokens am/h2o/snapkv keep verbatim")
+    parser.add_argument("--repetition-penalty", type=float, default=REPETITION_PENALTY,
+                        help="of the uncapped sampled continuation (higher keeps a small model out of loops)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="online_fidelity", help="results name in evals/results")
     parser.add_argument("--no-write", action="store_true")
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_eval_model(args.model)
     prompt_ids = encode_messages(loaded.tokenizer, [{"role": "user", "content": PROMPT}])
     tic = time.perf_counter()
-    continuation = generate_continuation(loaded, prompt_ids, args.tokens, args.seed)
+    continuation = generate_continuation(loaded, prompt_ids, args.tokens, args.seed, args.repetition_penalty)
     print(f"continuation: {len(continuation)} tokens in {time.perf_counter() - tic:.0f}s", flush=True)
     reference, _, uncapped_s, _ = replay(loaded, prompt_ids, continuation, None, None, args.chunk)
     targets = torch.tensor(continuation)
@@ -136,7 +139,8 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 def _markdown(args, argv, rows: dict, ref_nll: float, n: int, prompt_tokens: int) -> str:
     command = ("agentloop eval online-fidelity " + " ".join(argv or [])).strip()
     lines = [f"# Online fidelity on {args.model}: teacher-forced replay under a {args.mem_cap} cap", "",
-             (f"The uncapped model wrote {n} tokens (sampled: T=0.8, top-p 0.95, repetition penalty {REPETITION_PENALTY}, "
+             (f"The uncapped model wrote {n} tokens (sampled: T=0.8, top-p 0.95, repetition penalty "
+              f"{getattr(args, 'repetition_penalty', REPETITION_PENALTY)}, "
               f"seed {args.seed}) after a {prompt_tokens}-token "
               f"prompt. Each policy replays them in {args.chunk}-token chunks under the cap and compacts or evicts "
               f"whenever the next chunk would not fit. Metrics per continuation position against the uncapped run; "
