@@ -42,6 +42,29 @@ def add_output_options(parser, name: str) -> None:
     parser.add_argument("--no-write", action="store_true", help="print, do not write evals/results")
 
 
+def read_jsonl(path: str, expected: str) -> list[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a JSONL data file; a file that cannot be read, or a
+    line that is not JSON, is a clear error saying each line should hold `expected`."""
+    from agentloop.errors import AgentloopError
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise AgentloopError(f"cannot read --data {path} ({reason}): give a JSONL file with {expected} on each "
+                             "line") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise AgentloopError(f"{path} line {number} is not valid JSON ({exc.msg}): each line must be one JSON "
+                                 f"object with {expected}") from None
+    return rows
+
+
 def write_results(name: str, data: dict, markdown: str) -> Path:
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)

@@ -42,21 +42,10 @@ PAPER_ROWS = [  # Qwen3-4B, AIME 2025 (/30), App. F.3: physical KV length, effec
 
 def load_problems(path: str, limit: int | None = None) -> list[dict]:
     """Rows of a JSONL file as {id, problem, answer}; the id is the row's `id`, else its index."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise AgentloopError(f"cannot read --data {path} ({reason}): give a JSONL file with a 'problem' and an "
-                             f"'answer' on each line") from None
+    from agentloop.evals import read_jsonl
+
     problems = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise AgentloopError(f"{path} line {number} is not valid JSON ({exc.msg}): each line must be one JSON "
-                                 f"object with 'problem' and 'answer'") from None
+    for number, row in read_jsonl(path, "a 'problem' and an 'answer'"):
         if not isinstance(row, dict) or "problem" not in row or not str(row.get("answer", "")).strip().isdigit():
             raise AgentloopError(f"{path} line {number} lacks a 'problem' or an integer 'answer': each line must be "
                                  f"one JSON object with both")

@@ -10,11 +10,9 @@ the reference answer (the number after "####" in the dataset).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import time
-from pathlib import Path
 
 from agentloop.errors import AgentloopError
 
@@ -23,20 +21,14 @@ INSTRUCTION = "Solve the problem step by step, then end with \"The answer is N.\
 
 def load_gsm8k(path: str, limit: int | None) -> list[dict]:
     """Rows of a GSM8K JSONL file as {id, question, answer (a number)}."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise AgentloopError(f"cannot read --data {path} ({exc.strerror}): give the GSM8K test JSONL "
-                             "(question and answer ending in '#### N' on each line)") from None
+    from agentloop.evals import read_jsonl
+
     problems = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, row in read_jsonl(path, "a 'question' and an 'answer' ending in '#### N'"):
         try:
-            row = json.loads(line)
             answer = _number(row["answer"].rpartition("####")[2])
             question = str(row["question"])
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError):
             answer = None
         if answer is None:
             raise AgentloopError(f"{path} line {number} is not a GSM8K row: each line must be a JSON object with a "
