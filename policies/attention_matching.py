@@ -9,6 +9,7 @@ keys with the queries of the most recent decode steps, as those methods do.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -81,11 +82,14 @@ class AttentionMatchingPolicy(MemoryPolicy):
         # `start`; the protected tail is verbatim too, so the region ends `protect_recent` tokens before the end
         context_ids = session.token_ids[start:len(session.token_ids) - self.protect_recent]
         seed = self.seed + self.compactions
-        memo = {}
+        memo, tic = {}, time.perf_counter()
         if "repeat" in self.queries and self.reread == "new":
             memo["repeat"] = self.repeat_memory.queries(session, context_ids, seed)
+        probe_seconds = time.perf_counter() - tic
         stats = compact_span(session, start, end, kept, method=self.method, sources=QUERY_SOURCES[self.queries],
                              context_ids=context_ids, max_queries=self.max_queries, seed=seed, memo=memo)
+        for stage in ("queries", "total"):  # the re-read ran before compact_span: count it where it belongs
+            stats.seconds[stage] += probe_seconds
         self.compactions += 1
         return {"action": "compact", "compaction": self.compactions, "region": [start, end], "kept": stats.kept,
                 "logical_tokens": len(context_ids), "queries": stats.queries,
