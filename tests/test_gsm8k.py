@@ -41,3 +41,4 @@ def test_capped_run_compacts_under_the_cap(tiny_llama):
     result = gsm8k.solve(tiny_llama, list(range(3, 40)), "48tok", policy_for("am-both", 0), max_new_tokens=60)
     assert result["compactions"] >= 2 and result["new_tokens"] == 60
     assert result["peak_bytes"] <= result["cap_bytes"] and result["logical_len"] == 97
+
