@@ -161,8 +161,9 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
         for ratio in ([1] if method == "full" else args.ratios):
             sel = [r for r in records if r["method"] == method and r["ratio"] == ratio]
             k = sum(r["correct"] for r in sel)
+            digits = sum(digits_recalled(r["answer"], r["key"]) for r in sel) / len(sel)
             summary.setdefault(method, {})[str(ratio)] = {"accuracy": k / len(sel), "n": len(sel),
-                                                          "ci95": wilson(k, len(sel))}
+                                                          "ci95": wilson(k, len(sel)), "digits": digits}
     full_acc = summary["full"]["1"]["accuracy"]
     lines = [f"# Passkey retrieval after one-shot compaction ({args.model})", "",
              (f"{trials} trials; a five-digit pass key at a random depth of {args.min_tokens}-{args.max_tokens} tokens "
@@ -171,6 +172,11 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
              "| method | " + " | ".join(f"{r}x" for r in args.ratios) + " |", "|---|" + "---|" * len(args.ratios)]
     for method in args.methods:
         lines.append(f"| {method} | " + " | ".join(f"{summary[method][str(r)]['accuracy']:.0%}" for r in args.ratios) + " |")
+    lines += ["", (f"Digits of the key recalled in order (mean share; uncompacted {summary['full']['1']['digits']:.2f}; "
+                   "a number unrelated to the key scores about 0.1-0.2 by chance):"), "",
+              "| method | " + " | ".join(f"{r}x" for r in args.ratios) + " |", "|---|" + "---|" * len(args.ratios)]
+    for method in args.methods:
+        lines.append(f"| {method} | " + " | ".join(f"{summary[method][str(r)]['digits']:.2f}" for r in args.ratios) + " |")
     command = ("agentloop eval passkey " + " ".join(argv or [])).strip()
     lines += ["", f"95% Wilson intervals and every answer are in {args.name}.json. Reproduce: `{command}`"]
     text = "\n".join(lines)

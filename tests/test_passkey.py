@@ -16,3 +16,22 @@ def test_digits_recalled_counts_the_key_digits_in_order(answer, share):
 @pytest.mark.parametrize("answer,expected", [(" 73691.", True), (" 736910", False), (" 7369 1", False)])
 def test_correct_needs_the_key_as_one_number(answer, expected):
     assert correct(answer, "73691") is expected
+
+
+def test_report_tabulates_accuracy_and_digits_per_method_and_ratio():
+    from argparse import Namespace
+
+    from agentloop.evals.passkey import _report
+
+    args = Namespace(model="m", min_tokens=10, max_tokens=20, methods=["am-hak-fast"], ratios=[2, 5], name="x",
+                     no_write=True)
+    records = [{"trial": 0, "method": "full", "ratio": 1, "key": "73691", "answer": " 73691.", "correct": True},
+               {"trial": 0, "method": "am-hak-fast", "ratio": 2, "key": "73691", "answer": " 73691.", "correct": True},
+               {"trial": 0, "method": "am-hak-fast", "ratio": 5, "key": "73691", "answer": " 7369.", "correct": False},
+               {"trial": 1, "method": "full", "ratio": 1, "key": "12345", "answer": " 12345.", "correct": True},
+               {"trial": 1, "method": "am-hak-fast", "ratio": 2, "key": "12345", "answer": " 1.", "correct": False},
+               {"trial": 1, "method": "am-hak-fast", "ratio": 5, "key": "12345", "answer": " 999.", "correct": False}]
+    text = _report(args, records, [])
+    assert "| am-hak-fast | 50% | 0% |" in text  # 1 of 2 at 2x, none at 5x
+    assert "| am-hak-fast | 0.60 | 0.40 |" in text  # digits: (1 + 0.2) / 2 at 2x, (0.8 + 0) / 2 at 5x
+    assert "uncompacted 1.00" in text
