@@ -168,15 +168,15 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
     lines = [f"# Passkey retrieval after one-shot compaction ({args.model})", "",
              (f"{trials} trials; a five-digit pass key at a random depth of {args.min_tokens}-{args.max_tokens} tokens "
               f"of prose; the context span is compacted, then the question is asked. Uncompacted cache: "
-              f"**{full_acc:.0%}**. Accuracy per method and ratio:"), "",
-             "| method | " + " | ".join(f"{r}x" for r in args.ratios) + " |", "|---|" + "---|" * len(args.ratios)]
-    for method in args.methods:
-        lines.append(f"| {method} | " + " | ".join(f"{summary[method][str(r)]['accuracy']:.0%}" for r in args.ratios) + " |")
-    lines += ["", (f"Digits of the key recalled in order (mean share; uncompacted {summary['full']['1']['digits']:.2f}; "
-                   "a number unrelated to the key scores about 0.1-0.2 by chance):"), "",
-              "| method | " + " | ".join(f"{r}x" for r in args.ratios) + " |", "|---|" + "---|" * len(args.ratios)]
-    for method in args.methods:
-        lines.append(f"| {method} | " + " | ".join(f"{summary[method][str(r)]['digits']:.2f}" for r in args.ratios) + " |")
+              f"**{full_acc:.0%}**. Accuracy per method and ratio:")]
+    digits_heading = (f"Digits of the key recalled in order (mean share; uncompacted {summary['full']['1']['digits']:.2f}; "
+                      "a number unrelated to the key scores about 0.1-0.2 by chance):")
+    for metric, heading, cell in (("accuracy", None, "{:.0%}"), ("digits", digits_heading, "{:.2f}")):
+        lines += ([""] if heading is None else ["", heading, ""]) + [
+            "| method | " + " | ".join(f"{r}x" for r in args.ratios) + " |", "|---|" + "---|" * len(args.ratios)]
+        for method in args.methods:
+            lines.append(f"| {method} | " + " | ".join(cell.format(summary[method][str(r)][metric])
+                                                      for r in args.ratios) + " |")
     command = ("agentloop eval passkey " + " ".join(argv or [])).strip()
     lines += ["", f"95% Wilson intervals and every answer are in {args.name}.json. Reproduce: `{command}`"]
     text = "\n".join(lines)
