@@ -62,6 +62,21 @@ def answer(session, suffix: list[int], max_new_tokens: int) -> str:
     return events[-1].text
 
 
+def digits_heading(note: str = "") -> str:
+    return (f"Digits of the key recalled in order (mean share; {note}a number unrelated to the key scores about "
+            "0.1-0.2 by chance):")
+
+
+def metric_table(summary: dict, rows: list[str], columns: list, labels: list[str], first: str, metric: str) -> list[str]:
+    """Markdown rows of summary[row][str(column)][metric]: accuracy as a percentage, digits as a share, — if missing."""
+    lines = [f"| {first} | " + " | ".join(labels) + " |", "|---|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [summary[row][str(c)][metric] for c in columns]
+        lines.append(f"| {row} | " + " | ".join("—" if v is None else f"{v:.0%}" if metric == "accuracy" else f"{v:.2f}"
+                                                 for v in cells) + " |")
+    return lines
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     if n == 0:
         return 0.0, 0.0
@@ -169,14 +184,10 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
              (f"{trials} trials; a five-digit pass key at a random depth of {args.min_tokens}-{args.max_tokens} tokens "
               f"of prose; the context span is compacted, then the question is asked. Uncompacted cache: "
               f"**{full_acc:.0%}**. Accuracy per method and ratio:")]
-    digits_heading = (f"Digits of the key recalled in order (mean share; uncompacted {summary['full']['1']['digits']:.2f}; "
-                      "a number unrelated to the key scores about 0.1-0.2 by chance):")
-    for metric, heading, cell in (("accuracy", None, "{:.0%}"), ("digits", digits_heading, "{:.2f}")):
-        lines += ([""] if heading is None else ["", heading, ""]) + [
-            "| method | " + " | ".join(f"{r}x" for r in args.ratios) + " |", "|---|" + "---|" * len(args.ratios)]
-        for method in args.methods:
-            lines.append(f"| {method} | " + " | ".join(cell.format(summary[method][str(r)][metric])
-                                                      for r in args.ratios) + " |")
+    for metric in ("accuracy", "digits"):
+        if metric == "digits":
+            lines += ["", digits_heading(f"uncompacted {summary['full']['1']['digits']:.2f}; ")]
+        lines += [""] + metric_table(summary, args.methods, args.ratios, [f"{r}x" for r in args.ratios], "method", metric)
     command = ("agentloop eval passkey " + " ".join(argv or [])).strip()
     lines += ["", f"95% Wilson intervals and every answer are in {args.name}.json. Reproduce: `{command}`"]
     text = "\n".join(lines)

@@ -12,7 +12,16 @@ import argparse
 import random
 import time
 
-from agentloop.evals.passkey import ANSWER_PREFIX, QUESTION, answer, correct, digits_recalled, wilson
+from agentloop.evals.passkey import (
+    ANSWER_PREFIX,
+    QUESTION,
+    answer,
+    correct,
+    digits_heading,
+    digits_recalled,
+    metric_table,
+    wilson,
+)
 
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 DEFAULT_POLICIES = ("am-repeat", "full", "am-both", "am-recorded", "h2o", "snapkv", "streaming")  # the first sets the schedule
@@ -117,17 +126,11 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
              (f"{trials} trials; a five-digit pass key in the first user turn, then prose ingested in "
               f"{args.chunk}-token chunks; the question is asked (on a fork of the run) right after the k-th "
               f"compaction of `{args.policies[0]}`, and every other policy is asked after the same amount of text. "
-              f"Runs whose peak cache bytes exceeded the cap: {len(over_cap)}."), "",
-             "| policy | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-    for metric, heading in (("accuracy", None), ("digits", "Digits of the key recalled in order (mean share; a "
-                            "number unrelated to the key scores about 0.1-0.2 by chance):")):
-        if heading:
-            lines += ["", heading, "", "| policy | " + " | ".join(f"k={k}" for k in ks) + " |",
-                      "|---|" + "---|" * len(ks)]
-        for name in args.policies:
-            cells = [summary[name][str(k)][metric] for k in ks]
-            lines.append(f"| {name} | " + " | ".join("—" if c is None else (f"{c:.0%}" if metric == "accuracy"
-                                                                             else f"{c:.2f}") for c in cells) + " |")
+              f"Runs whose peak cache bytes exceeded the cap: {len(over_cap)}.")]
+    for metric in ("accuracy", "digits"):
+        if metric == "digits":
+            lines += ["", digits_heading()]
+        lines += [""] + metric_table(summary, args.policies, ks, [f"k={k}" for k in ks], "policy", metric)
     command = ("agentloop eval passkey-online " + " ".join(argv or [])).strip()
     lines += ["", ("`full` = no cap (same text, same questions); `am-repeat` = Attention Matching at ratio 0.5 with "
                    "repeat-prefill queries, re-reading at each compaction only the text added since the previous one "
