@@ -24,7 +24,7 @@ def test_report_tabulates_accuracy_and_digits_per_method_and_ratio():
     from agentloop.evals.passkey import _report
 
     args = Namespace(model="m", min_tokens=10, max_tokens=20, methods=["am-hak-fast"], ratios=[2, 5], name="x",
-                     no_write=True)
+                     max_queries=None, no_write=True)
     records = [{"trial": 0, "method": "full", "ratio": 1, "key": "73691", "answer": " 73691.", "correct": True},
                {"trial": 0, "method": "am-hak-fast", "ratio": 2, "key": "73691", "answer": " 73691.", "correct": True},
                {"trial": 0, "method": "am-hak-fast", "ratio": 5, "key": "73691", "answer": " 7369.", "correct": False},
@@ -35,3 +35,13 @@ def test_report_tabulates_accuracy_and_digits_per_method_and_ratio():
     assert "| am-hak-fast | 50% | 0% |" in text  # 1 of 2 at 2x, none at 5x
     assert "| am-hak-fast | 0.60 | 0.40 |" in text  # digits: (1 + 0.2) / 2 at 2x, (0.8 + 0) / 2 at 5x
     assert "uncompacted 1.00" in text
+    assert "Reference queries per KV head: all." in text
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "many"])
+def test_max_queries_rejects_what_is_not_a_count_or_all(value, capsys):
+    from agentloop.evals.passkey import main
+
+    with pytest.raises(SystemExit):
+        main(["--max-queries", value, "--no-write"])
+    assert f"expected a positive number of queries or 'all', got {value!r}" in capsys.readouterr().err
