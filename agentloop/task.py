@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agentloop.compaction.span import NAMED_METHODS
+from agentloop.compaction.span import MAX_QUERIES, NAMED_METHODS
 from agentloop.errors import AgentloopError
 from agentloop.loop import GenerationSettings
 from agentloop.memcap import parse_mem_cap
@@ -62,7 +62,8 @@ class IngestSpec(BaseModel):
     chunk_tokens: int | None = Field(None, ge=16, description="compact each piece in chunks of about this many "
                                      "tokens: faster, but every chunk keeps the same share, which can lose a needle")
     task_queries: bool = Field(False, description="also fit the compaction to queries of the pending task text")
-    max_queries: int = Field(4096, ge=16, description="reference queries per KV head")
+    max_queries: int | None = Field(MAX_QUERIES, ge=16, description="reference queries per KV head (a random "
+                                    "subsample of the re-read's queries above this; null: every query)")
     exclude: list[str] = Field(default_factory=list, description="tools whose results are never compacted")
     per_tool: dict[str, IngestOverride] = Field(default_factory=dict, description="tool name: overrides")
 

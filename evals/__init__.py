@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import sys
@@ -40,6 +41,33 @@ def add_output_options(parser, name: str) -> None:
     """--name (results file name, default `name`) and --no-write, for evals whose results are written per trial."""
     parser.add_argument("--name", default=name, help="results file name under evals/results")
     parser.add_argument("--no-write", action="store_true", help="print, do not write evals/results")
+
+
+def query_budget(text: str) -> int | None:
+    """--max-queries: a positive number of reference queries per KV head, or 'all' (None: fit with every query)."""
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of queries or 'all', got {text!r}")
+    return value
+
+
+def add_query_option(parser) -> None:
+    """--max-queries for evals that fit compactions (default: the one-shot default of compact_span)."""
+    from agentloop.compaction.span import MAX_QUERIES
+
+    parser.add_argument("--max-queries", type=query_budget, default=MAX_QUERIES,
+                        help=f"reference queries per KV head, a random subsample above this (default {MAX_QUERIES}), "
+                             "or 'all' to fit with every query")
+
+
+def describe_queries(max_queries: int | None) -> str:
+    """How a report states the query budget it used."""
+    return "all" if max_queries is None else f"at most {max_queries} (a random subsample)"
 
 
 def read_jsonl(path: str, expected: str) -> list[tuple[int, object]]:

@@ -28,11 +28,13 @@ def stage_flops(config, span: int, kept: int, queries: int, heads: int) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
+    from agentloop.evals import add_query_option
+
     parser = argparse.ArgumentParser(prog="agentloop eval compaction-speed", description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192])
     parser.add_argument("--ratios", nargs="+", type=int, default=[2, 10])
-    parser.add_argument("--max-queries", type=int, default=4096)
+    add_query_option(parser)
     parser.add_argument("--max-kept", type=int, default=2048,
                         help="skip settings that keep more slots per head (the t x t float64 solves grow as t^3)")
     parser.add_argument("--no-write", action="store_true")
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from agentloop import Session
     from agentloop.compaction.span import compact_span, reference_queries
-    from agentloop.evals import load_eval_model, write_results
+    from agentloop.evals import describe_queries, load_eval_model, write_results
     from agentloop.evals.text import prose_ids
 
     loaded = load_eval_model(args.model)
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     stages = ["queries", "reference", "selection", "beta", "values", "stats"]
     lines = [f"# Compaction speed: `am-hak-fast` on {args.model}, this CPU ({platform.machine()}, "
              f"{torch.get_num_threads()} threads, fp32)", "",
-             f"Whole cache of real prose compacted one-shot; fitting queries: repeat-prefill, at most {args.max_queries} "
+             "Whole cache of real prose compacted one-shot; fitting queries: repeat-prefill, "
+             f"{describe_queries(args.max_queries)} "
              "per KV head; all 30 layers x 3 KV heads solved batched. Seconds per stage (GFLOP/s achieved in brackets; "
              "this machine's fp32 matmul peak is ~67 GFLOP/s, though the big reference matmuls reach ~75). `queries` is "
              "the repeat-prefill, done once per length and shared by both ratios; β and value solves run their "

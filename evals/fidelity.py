@@ -146,9 +146,12 @@ def summarize(rows, methods, ratios) -> dict:
 
 
 def markdown(summary, args, command) -> str:
+    from agentloop.evals import describe_queries
+
     lines = [f"# Compaction fidelity on {args.model}: held-out attention error vs compaction ratio", "",
              f"{args.contexts} contexts of {args.tokens} tokens of real prose (Paul Graham essays); the whole span is "
-             f"compacted one-shot. Fitting queries: each method's own sources, at most {args.max_queries} per KV head. "
+             "compacted one-shot. Fitting queries: each method's own sources, "
+             f"{describe_queries(args.max_queries)} per KV head. "
              "Errors on held-out queries (three questions about the text and the model's 32-token answers to them, "
              "never used for fitting), mean over layers, KV heads, queries and contexts. "
              "Output error = ||o_c − o|| / ||o||; mass error = |m_c / m − 1|.", "",
@@ -223,13 +226,15 @@ def plot(summary, ratios, path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from agentloop.evals import add_query_option
+
     parser = argparse.ArgumentParser(prog="agentloop eval fidelity", description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tokens", type=int, default=1600)
     parser.add_argument("--contexts", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--ratios", nargs="+", type=int, default=[2, 5, 10, 20, 50])
-    parser.add_argument("--max-queries", type=int, default=4096, help="fitting queries per KV head")
+    add_query_option(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budgets", nargs="+", default=[], metavar="FILE", help="budget files: also run every "
                         "method with each file's non-uniform head budgets (results go to fidelity_budgets)")

@@ -95,7 +95,7 @@ def _measure(session, suffix: list[int], key: str, answer_tokens: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agentloop.evals import add_output_options
+    from agentloop.evals import add_output_options, add_query_option
 
     parser = argparse.ArgumentParser(prog="agentloop eval ingestion", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--piece-tokens", type=int, default=2048)
     parser.add_argument("--chunk-tokens", type=int, default=0, help="compact each piece in chunks of this many tokens "
                         "(0: each piece as one block, the default of memory.ingest.chunk_tokens)")
-    parser.add_argument("--max-queries", type=int, default=4096)
+    add_query_option(parser)
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     add_output_options(parser, "ingestion")

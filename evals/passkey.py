@@ -77,18 +77,6 @@ def metric_table(summary: dict, rows: list[str], columns: list, labels: list[str
     return lines
 
 
-def _query_budget(text: str) -> int | None:
-    if text == "all":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of queries or 'all', got {text!r}")
-    return value
-
-
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     if n == 0:
         return 0.0, 0.0
@@ -99,7 +87,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agentloop.evals import add_output_options
+    from agentloop.evals import add_output_options, add_query_option
 
     parser = argparse.ArgumentParser(prog="agentloop eval passkey", description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
@@ -108,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=3000)
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--ratios", nargs="+", type=int, default=[2, 5, 10, 20, 50])
-    parser.add_argument("--max-queries", type=_query_budget, default=4096,
-                        help="reference queries per KV head (a random subsample), or 'all' to fit with every query")
+    add_query_option(parser)
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true",
@@ -181,7 +168,7 @@ def _earlier_records(args) -> list[dict]:
 
 def _report(args, records: list[dict], argv: list[str] | None) -> str:
     """Summary table of the trials so far; written to evals/results after every trial (unless --no-write)."""
-    from agentloop.evals import results_dir, write_results
+    from agentloop.evals import describe_queries, results_dir, write_results
 
     trials = len({r["trial"] for r in records})
     summary = {}
@@ -197,7 +184,7 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
              (f"{trials} trials; a five-digit pass key at a random depth of {args.min_tokens}-{args.max_tokens} tokens "
               f"of prose; the context span is compacted, then the question is asked. Uncompacted cache: "
               f"**{full_acc:.0%}**. Reference queries per KV head: "
-              f"{'all' if args.max_queries is None else f'at most {args.max_queries} (a random subsample)'}. "
+              f"{describe_queries(args.max_queries)}. "
               "Accuracy per method and ratio:")]
     for metric in ("accuracy", "digits"):
         if metric == "digits":

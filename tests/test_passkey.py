@@ -38,10 +38,19 @@ def test_report_tabulates_accuracy_and_digits_per_method_and_ratio():
     assert "Reference queries per KV head: all." in text
 
 
+@pytest.mark.parametrize("name", ["passkey", "fidelity", "ingestion", "compaction_speed"])
 @pytest.mark.parametrize("value", ["0", "-5", "many"])
-def test_max_queries_rejects_what_is_not_a_count_or_all(value, capsys):
-    from agentloop.evals.passkey import main
+def test_max_queries_rejects_what_is_not_a_count_or_all(name, value, capsys):
+    import importlib
 
+    main = importlib.import_module(f"agentloop.evals.{name}").main
     with pytest.raises(SystemExit):
         main(["--max-queries", value, "--no-write"])
     assert f"expected a positive number of queries or 'all', got {value!r}" in capsys.readouterr().err
+
+
+def test_max_queries_all_means_every_query():
+    from agentloop.evals import query_budget
+
+    assert query_budget("all") is None
+    assert query_budget("512") == 512

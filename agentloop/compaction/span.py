@@ -19,6 +19,7 @@ QuerySources = tuple[tuple[str, float], ...]
 RECENT_WINDOW = 32  # tokens whose queries the `recent` source keeps
 STATS_QUERIES = 512  # keys used as queries for the fit statistics of query-free methods (streaming, random)
 QUERIES_PER_SLOT = 2  # the query mix is topped up to at least this many rows per kept slot
+MAX_QUERIES = 16384  # default reference queries per KV head of a one-shot compaction (a random subsample above)
 SS_PLUS_REPEAT: QuerySources = (("repeat", 1.0), ("selfstudy", 4.0))  # the paper's mix: repeat is 1 of 5 specs
 
 
@@ -114,7 +115,7 @@ def reference_queries(session, sources: QuerySources, context_ids: list[int] | N
 def compact_span(session, start: int, end: int, target: int | float, method: str = "am-hak-fast",
                  queries: dict[int, torch.Tensor] | None = None, sources: QuerySources | None = None,
                  context_ids: list[int] | None = None,
-                 max_queries: int | None = 4096, seed: int = 0, chunk: int | None = None,
+                 max_queries: int | None = MAX_QUERIES, seed: int = 0, chunk: int | None = None,
                  memo: dict[str, dict] | None = None, budgets: torch.Tensor | None = None, **knobs) -> SpanStats:
     """Replace physical slots [start, end) of every compactable layer by a compacted block.
 
