@@ -2,9 +2,10 @@
 
 Its tokens are then the newest physical slots of the cache. The first `keep_first` and last `keep_last`
 stay verbatim; the middle is compacted to `ratio` of its slots with an Attention Matching method whose
-reference queries come from a repeat-prefill of the result itself (with `task_queries`, followed by the
-pending task, so the fit also weighs what the task will ask of it). A result longer than `piece_tokens` is
-prefilled and compacted piece by piece, so the cache never holds more than one piece of it verbatim.
+reference queries come from a repeat-prefill of the result itself (with `task_queries`, the queries of the
+pending task read after it, and of the model's short draft reply, also hold a quarter of the fitting rows,
+so the fit weighs what the task will ask). A result longer than `piece_tokens` is prefilled and compacted
+piece by piece, so the cache never holds more than one piece of it verbatim.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def compact_result(session, result_ids: list[int], spec: IngestSpec, task_ids: l
     lo, hi = start + spec.keep_first, end - spec.keep_last
     middle = result_ids[spec.keep_first:len(result_ids) - spec.keep_last]
     kept = max(1, round(len(middle) * spec.ratio))
-    stats = compact_span(session, lo, hi, kept, method=spec.method, context_ids=middle + list(task_ids),
+    stats = compact_span(session, lo, hi, kept, method=spec.method, context_ids=middle, task_ids=list(task_ids),
                          max_queries=spec.max_queries, seed=seed, chunk=spec.chunk_tokens)
     summary = stats.summary()
     return {"span": [lo, hi], "slots_before": end - start, "slots_after": end - start - (hi - lo) + stats.kept,

@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--ratios", nargs="+", type=int, default=[2, 5, 10, 20, 50])
     add_query_option(parser)
+    parser.add_argument("--question-aware", action="store_true",
+                        help="compact knowing the question: its queries and those of the model's draft answer "
+                             "(on the full cache) hold a quarter of the fitting rows (compact_span(..., "
+                             "task_ids=question)); default: the compaction does not see the question")
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true",
@@ -130,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             for ratio in args.ratios:
                 session = base.fork()
                 stats = compact_span(session, start, end, 1.0 / ratio, method=method, context_ids=context, memo=memo,
-                                     max_queries=args.max_queries, seed=args.seed + trial)
+                                     max_queries=args.max_queries, seed=args.seed + trial,
+                                     task_ids=suffix if args.question_aware else None)
                 text = answer(session, suffix, args.answer_tokens)
                 records.append({"trial": trial, "method": method, "ratio": ratio, "tokens": len(context),
                                 "key": key, "answer": text, "correct": correct(text, key),
@@ -155,8 +160,9 @@ def _earlier_records(args) -> list[dict]:
     if not path.is_file():
         return []
     earlier = json.loads(path.read_text())
-    same = ("model", "min_tokens", "max_tokens", "methods", "ratios", "max_queries", "answer_tokens", "seed")
-    changed = [k for k in same if earlier["config"].get(k) != getattr(args, k)]
+    same = ("model", "min_tokens", "max_tokens", "methods", "ratios", "max_queries", "answer_tokens", "seed",
+            "question_aware")
+    changed = [k for k in same if earlier["config"].get(k, False if k == "question_aware" else None) != getattr(args, k)]
     if changed:
         raise AgentloopError(f"--resume: {path} was run with other settings ({', '.join(changed)}); "
                              "resume with the same settings, or give another --name")
@@ -180,10 +186,14 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
             summary.setdefault(method, {})[str(ratio)] = {"accuracy": k / len(sel), "n": len(sel),
                                                           "ci95": wilson(k, len(sel)), "digits": digits}
     full_acc = summary["full"]["1"]["accuracy"]
-    lines = [f"# Passkey retrieval after one-shot compaction ({args.model})", "",
+    aware = getattr(args, "question_aware", False)
+    when = ("the context span is compacted knowing the question (its queries and those of a 16-token draft "
+            "answer, read on the full cache, hold a quarter of the fitting rows), then the question is asked"
+            if aware else
+            "the context span is compacted, then the question is asked")
+    lines = [f"# Passkey retrieval after one-shot compaction{', question-aware' if aware else ''} ({args.model})", "",
              (f"{trials} trials; a five-digit pass key at a random depth of {args.min_tokens}-{args.max_tokens} tokens "
-              f"of prose; the context span is compacted, then the question is asked. Uncompacted cache: "
-              f"**{full_acc:.0%}**. Reference queries per KV head: "
+              f"of prose; {when}. Uncompacted cache: **{full_acc:.0%}**. Reference queries per KV head: "
               f"{describe_queries(args.max_queries)}. "
               "Accuracy per method and ratio:")]
     for metric in ("accuracy", "digits"):

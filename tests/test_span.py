@@ -56,3 +56,39 @@ def test_unknown_method_and_bad_span(tiny_llama):
         compact_span(session, 0, 10, 0.5, method="magic")
     with pytest.raises(ValueError, match="outside"):
         compact_span(session, 0, 100, 0.5)
+
+
+def _logits_over(session, ids):
+    """The logits after each token of `ids`, fed one at a time: [len(ids), vocab]."""
+    out = []
+    for token in ids:
+        list(session.feed([token]))
+        out.append(session.last_logits.clone())
+    return torch.stack(out)
+
+
+def test_task_queries_fit_the_span_to_a_known_follow_up(tiny_llama):
+    """Compacting with the queries of the text that will follow (task_ids) reproduces the logits of that text
+    better than a question-agnostic compaction to the same size (measured here: ~0.78x the error)."""
+    question = _prompt(12, seed=7)
+    reference = _logits_over(_session(tiny_llama, 64), question)
+    errors = {}
+    for aware in (False, True):
+        session = _session(tiny_llama, 64)
+        stats = compact_span(session, 0, 64, 0.25, method="am-hak-fast", task_ids=question if aware else None)
+        errors[aware] = float((_logits_over(session, question) - reference).norm() / reference.norm())
+        if aware:  # the question's rows are repeated to about a quarter of the fitting rows
+            assert stats.queries > 64 * 2 * 1.25
+    assert errors[True] < 0.9 * errors[False]
+
+
+def test_with_share_repeats_the_extra_rows_to_their_share():
+    from agentloop.compaction.queries import with_share
+
+    base = {0: torch.zeros(2, 300, 4)}
+    extra = {0: torch.ones(2, 10, 4)}
+    mixed = with_share(base, extra, 0.25)[0]
+    assert mixed.shape == (2, 400, 4) and int(mixed[0, :, 0].sum()) == 100  # 10 rows x 10 = 25% of 400
+    assert with_share(base, {0: torch.ones(2, 500, 4)}, 0.25)[0].shape[1] == 800  # never fewer than once
+    with pytest.raises(ValueError, match="share"):
+        with_share(base, extra, 1.0)

@@ -6,7 +6,10 @@ Sources (each returns {layer_idx: [kv_heads, n, head_dim]}):
   context  - the span's own queries, captured while it was prefilled (a recorder passed to `feed`);
   selfstudy- the model writes short answers about the context (summary, key facts, its own questions);
              the queries of those answers are captured, then the cache is rolled back;
-  recorded - queries of recent decode steps (a recorder kept by the session).
+  recorded - queries of recent decode steps (a recorder kept by the session);
+  task     - the queries of a text known to follow the span (a question, the pending task) and of the model's
+             short draft answer to it, read on the live cache and rolled back; `with_share` gives them a
+             fixed share of the fitting rows.
 """
 
 from __future__ import annotations
@@ -99,6 +102,20 @@ def combine(sources: list[tuple[dict[int, torch.Tensor], float]], budget: int | 
     parts = [subsample(q, n, seed + k) for k, ((q, _), n) in enumerate(zip(sources, take, strict=False))]
     layers = set.intersection(*(set(p) for p in parts))
     return {i: torch.cat([p[i] for p in parts], dim=1) for i in sorted(layers)}
+
+
+def with_share(queries: dict[int, torch.Tensor], extra: dict[int, torch.Tensor],
+               share: float) -> dict[int, torch.Tensor]:
+    """`queries` plus the rows of `extra` repeated until they are about `share` of all rows (at least once).
+
+    A few dozen rows of a question would otherwise be lost among thousands of re-read rows; repeating them is
+    a weight, both in key selection (RMS attention) and in the least-squares fits."""
+    if not 0 < share < 1:
+        raise ValueError(f"share must be in (0, 1), got {share}")
+    n = min(q.shape[1] for q in queries.values())
+    m = min(q.shape[1] for q in extra.values())
+    repeats = max(1, round(share * n / ((1 - share) * m)))
+    return {i: torch.cat([q, extra[i].repeat(1, repeats, 1)], dim=1) for i, q in queries.items() if i in extra}
 
 
 def repeat_queries(session, context_ids: list[int]) -> dict[int, torch.Tensor]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from agentloop.compaction.queries import combine, repeat_queries, self_study_queries
+from agentloop.compaction.queries import combine, repeat_queries, self_study_queries, with_share
 from agentloop.compaction.solver import compact, row_max_lse
 
 QuerySources = tuple[tuple[str, float], ...]
@@ -20,6 +20,8 @@ RECENT_WINDOW = 32  # tokens whose queries the `recent` source keeps
 STATS_QUERIES = 512  # keys used as queries for the fit statistics of query-free methods (streaming, random)
 QUERIES_PER_SLOT = 2  # the query mix is topped up to at least this many rows per kept slot
 MAX_QUERIES = 16384  # default reference queries per KV head of a one-shot compaction (a random subsample above)
+TASK_SHARE = 0.25  # share of the fitting rows given to the queries of a known follow-up text (task_ids)
+TASK_DRAFT = 16  # tokens the model drafts after that text on the uncompacted cache; their queries join it
 SS_PLUS_REPEAT: QuerySources = (("repeat", 1.0), ("selfstudy", 4.0))  # the paper's mix: repeat is 1 of 5 specs
 
 
@@ -116,13 +118,18 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                  queries: dict[int, torch.Tensor] | None = None, sources: QuerySources | None = None,
                  context_ids: list[int] | None = None,
                  max_queries: int | None = MAX_QUERIES, seed: int = 0, chunk: int | None = None,
-                 memo: dict[str, dict] | None = None, budgets: torch.Tensor | None = None, **knobs) -> SpanStats:
+                 memo: dict[str, dict] | None = None, budgets: torch.Tensor | None = None,
+                 task_ids: list[int] | None = None, task_share: float = TASK_SHARE, **knobs) -> SpanStats:
     """Replace physical slots [start, end) of every compactable layer by a compacted block.
 
     `queries` (ready-made) or `sources` ((name, weight) pairs) override the method's query sources; `memo`
     reuses sources already collected for this context (several compactions of one context); `context_ids` is the
     text repeat-prefill copies (default: every token the session has seen); `chunk` compacts contiguous chunks of
     that many slots independently (long spans); `knobs` override solver settings (e.g. lo/hi bounds of β).
+    `task_ids` is a text known to follow the span (a question about it, the pending task): its queries and those
+    of a short draft answer, read on the live cache before it is compacted, are added to the method's queries
+    as `task_share` of the rows, so that what it will ask of the span weighs in selection and fits (query-free
+    methods ignore it).
     `budgets` [layers, kv_heads] (slots per compactable head, see compaction.budgets.head_budgets) replaces the
     uniform `target`: each layer then holds the span at its largest head budget, and its other heads are
     padded with slots of key 0, value 0 and β = −inf (no attention, but they count toward the bytes)."""
@@ -140,8 +147,13 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     tic = time.perf_counter()
     sources = named.queries if sources is None else sources
     if queries is None and sources:
+        memo = {} if memo is None else memo
         queries = reference_queries(session, sources, context_ids, max_queries, seed, memo,
                                     min_rows=QUERIES_PER_SLOT * int(slots.max()))
+        if task_ids:
+            if "task" not in memo:
+                memo["task"] = session.probe(list(task_ids), generate=TASK_DRAFT, seed=seed)
+            queries = with_share(queries, memo["task"], task_share)
     seconds = {"queries": time.perf_counter() - tic}
 
     # every compactable layer stacked: [layers * kv_heads, T, d]; scale is the model's own (same for all layers)
