@@ -31,6 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from agentloop.compaction.queries import turn_ids
 from agentloop.errors import AgentloopError
 from agentloop.events import Event, FinishEvent, IngestEvent, MessageEvent, ToolCallEvent, ToolResultEvent
 from agentloop.ingest import ingest_result
@@ -347,7 +348,8 @@ class Agent:
     def _ingest(self, ids: list[int], message: dict) -> Iterator[Event]:
         """Prefill a tool result and compact it on ingestion (agentloop/ingest.py), one IngestEvent per piece."""
         spec = self.spec.memory.ingest.for_tool(message.get("name"))
-        task_ids = self._chat.encode(self._pending_task()) if spec.task_queries else []
+        # the pending task as a new user turn: the probe then reads it and drafts the assistant's reply to it
+        task_ids = turn_ids(self._chat.tokenizer, self._pending_task()) if spec.task_queries else []
         about = dict(step=self.steps, call_id=message.get("tool_call_id", ""), tool=message.get("name", ""),
                      tokens=len(ids))
         compacted = False

@@ -216,6 +216,19 @@ def test_long_tool_result_is_compacted_on_ingestion(tiny_chat, workspace):
     assert prefill.kind == "prefill" and prefill.tokens == event.tokens
 
 
+def test_task_queries_add_the_pending_task_to_the_fit(tiny_chat, workspace):
+    """With task_queries the pending user task (and a draft reply) joins the re-read: about a quarter more rows."""
+    rows = {}
+    for task_queries in (False, True):
+        ingest = {"trigger_tokens": 500, "ratio": 0.25, "keep_first": 8, "keep_last": 8, "max_queries": 256,
+                  "task_queries": task_queries}
+        agent = make_agent(tiny_chat, workspace, call("read_file", path="short.txt"), "ok", memory={"ingest": ingest})
+        events, ingested = _ingest_events(agent)
+        assert events[-1].reason == "final_answer" and len(ingested) == 1
+        rows[task_queries] = ingested[0].details["queries"]
+    assert rows[False] == 256 and 256 * 1.2 < rows[True] < 256 * 1.5
+
+
 def test_a_result_longer_than_piece_tokens_is_prefilled_and_compacted_piece_by_piece(tiny_chat, workspace):
     ingest = {"trigger_tokens": 200, "ratio": 0.25, "keep_first": 8, "keep_last": 8, "piece_tokens": 300,
               "max_queries": 256}
