@@ -162,7 +162,8 @@ def _earlier_records(args) -> list[dict]:
     earlier = json.loads(path.read_text())
     same = ("model", "min_tokens", "max_tokens", "methods", "ratios", "max_queries", "answer_tokens", "seed",
             "question_aware")
-    changed = [k for k in same if earlier["config"].get(k, False if k == "question_aware" else None) != getattr(args, k)]
+    older = {"question_aware": False}  # settings that runs from before the option did not record
+    changed = [k for k in same if earlier["config"].get(k, older.get(k)) != getattr(args, k)]
     if changed:
         raise AgentloopError(f"--resume: {path} was run with other settings ({', '.join(changed)}); "
                              "resume with the same settings, or give another --name")
@@ -174,6 +175,7 @@ def _earlier_records(args) -> list[dict]:
 
 def _report(args, records: list[dict], argv: list[str] | None) -> str:
     """Summary table of the trials so far; written to evals/results after every trial (unless --no-write)."""
+    from agentloop.compaction.span import TASK_DRAFT, TASK_SHARE
     from agentloop.evals import describe_queries, results_dir, write_results
 
     trials = len({r["trial"] for r in records})
@@ -187,9 +189,9 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
                                                           "ci95": wilson(k, len(sel)), "digits": digits}
     full_acc = summary["full"]["1"]["accuracy"]
     aware = getattr(args, "question_aware", False)
-    when = ("the context span is compacted knowing the question (its queries and those of a 16-token draft "
-            "answer, read on the full cache, hold a quarter of the fitting rows), then the question is asked"
-            if aware else
+    when = (f"the context span is compacted knowing the question (its queries and those of a {TASK_DRAFT}-token "
+            f"draft answer, read on the full cache, hold {TASK_SHARE:.0%} of the fitting rows), then the question "
+            "is asked" if aware else
             "the context span is compacted, then the question is asked")
     lines = [f"# Passkey retrieval after one-shot compaction{', question-aware' if aware else ''} ({args.model})", "",
              (f"{trials} trials; a five-digit pass key at a random depth of {args.min_tokens}-{args.max_tokens} tokens "
