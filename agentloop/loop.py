@@ -25,6 +25,7 @@ from agentloop.models import LoadedModel
 from agentloop.policies import MemoryPolicy, NoPolicy, Room
 
 PROBE_CHUNK = 512  # tokens per forward when probing for reference queries
+PROBE_TEMPERATURE = 0.7  # sampling temperature of probe answers (self-study); 0 = greedy
 
 
 class GenerationSettings(BaseModel):
@@ -185,19 +186,25 @@ class Session:
         other.recent_recorder = copy.deepcopy(self.recent_recorder)
         return other
 
-    def probe(self, ids: list[int], generate: int = 0, seed: int = 0) -> dict[int, torch.Tensor]:
-        """Run `ids` (then `generate` sampled tokens) on top of the cache, recording the queries of every
-        compactable layer, then roll the cache back. Returns {layer: [kv_heads, n, head_dim]}."""
+    def probe(self, ids: list[int], generate: int = 0, seed: int = 0,
+              temperature: float = PROBE_TEMPERATURE) -> dict[int, torch.Tensor]:
+        """Run `ids` (then up to `generate` tokens, sampled at `temperature`, 0 = greedy, until the end of the
+        turn) on top of the cache, recording the queries of every compactable layer, then roll the cache back.
+        Returns {layer: [kv_heads, n, head_dim]}."""
         recorder = QueryRecorder(self.cache.compactable, self.cache.kv_heads)
         snapshot = self.cache.snapshot()
-        settings = GenerationSettings(temperature=0.7, top_p=0.9, seed=seed)
+        settings = GenerationSettings(temperature=temperature, top_p=0.9, seed=seed)
         generator = torch.Generator().manual_seed(seed)
+        eos = _eos_ids(self.model, self.tokenizer) if generate else set()
         try:
             chunk = max(self.prefill_chunk, PROBE_CHUNK)  # the probe is rolled back: chunk size only bounds memory
             for i in range(0, len(ids), chunk):
                 logits = self._step(ids[i:i + chunk], recorder)
             for _ in range(generate):
-                logits = self._step([sample(logits, settings, generator, self.token_ids)], recorder)
+                token = sample(logits, settings, generator, self.token_ids)
+                if token in eos:  # what follows the end of the turn is not an answer about the context
+                    break
+                logits = self._step([token], recorder)
         finally:
             self.cache.restore(snapshot)
         return recorder.queries()

@@ -189,9 +189,9 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
                                                           "ci95": wilson(k, len(sel)), "digits": digits}
     full_acc = summary["full"]["1"]["accuracy"]
     aware = getattr(args, "question_aware", False)
-    when = (f"the context span is compacted knowing the question (its queries and those of a {TASK_DRAFT}-token "
-            f"draft answer, read on the full cache, hold {TASK_SHARE:.0%} of the fitting rows), then the question "
-            "is asked" if aware else
+    when = (f"the context span is compacted knowing the question (its queries and those of a greedy draft answer "
+            f"of up to {TASK_DRAFT} tokens, read on the full cache, hold {TASK_SHARE:.0%} of the fitting rows), then "
+            "the question is asked" if aware else
             "the context span is compacted, then the question is asked")
     lines = [f"# Passkey retrieval after one-shot compaction{', question-aware' if aware else ''} ({args.model})", "",
              (f"{trials} trials; a five-digit pass key at a random depth of {args.min_tokens}-{args.max_tokens} tokens "

@@ -21,7 +21,7 @@ STATS_QUERIES = 512  # keys used as queries for the fit statistics of query-free
 QUERIES_PER_SLOT = 2  # the query mix is topped up to at least this many rows per kept slot
 MAX_QUERIES = 16384  # default reference queries per KV head of a one-shot compaction (a random subsample above)
 TASK_SHARE = 0.25  # share of the fitting rows given to the queries of a known follow-up text (task_ids)
-TASK_DRAFT = 16  # tokens the model drafts after that text on the uncompacted cache; their queries join it
+TASK_DRAFT = 16  # tokens the model drafts (greedily) after that text on the uncompacted cache; their queries join it
 SS_PLUS_REPEAT: QuerySources = (("repeat", 1.0), ("selfstudy", 4.0))  # the paper's mix: repeat is 1 of 5 specs
 
 
@@ -127,9 +127,9 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     text repeat-prefill copies (default: every token the session has seen); `chunk` compacts contiguous chunks of
     that many slots independently (long spans); `knobs` override solver settings (e.g. lo/hi bounds of β).
     `task_ids` is a text known to follow the span (a question about it, the pending task): its queries and those
-    of a short draft answer, read on the live cache before it is compacted, are added to the method's queries
-    as `task_share` of the rows, so that what it will ask of the span weighs in selection and fits (query-free
-    methods ignore it).
+    of the model's greedy draft answer (up to TASK_DRAFT tokens, to the end of its turn), read on the live cache
+    before it is compacted, are added to the method's queries as `task_share` of the rows, so that what it will
+    ask of the span weighs in selection and fits (query-free methods ignore it).
     `budgets` [layers, kv_heads] (slots per compactable head, see compaction.budgets.head_budgets) replaces the
     uniform `target`: each layer then holds the span at its largest head budget, and its other heads are
     padded with slots of key 0, value 0 and β = −inf (no attention, but they count toward the bytes)."""
@@ -152,7 +152,7 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                                     min_rows=QUERIES_PER_SLOT * int(slots.max()))
         if task_ids:
             if "task" not in memo:
-                memo["task"] = session.probe(list(task_ids), generate=TASK_DRAFT, seed=seed)
+                memo["task"] = session.probe(list(task_ids), generate=TASK_DRAFT, temperature=0.0)
             queries = with_share(queries, memo["task"], task_share)
     seconds = {"queries": time.perf_counter() - tic}
 
