@@ -39,6 +39,16 @@ def make_trial(tokenizer, rng: random.Random, min_tokens: int, max_tokens: int):
     return encode(before), encode(context), encode(after + ANSWER_PREFIX), key
 
 
+SAMPLED_DRAFT = "25% of rows; sampled draft of 16 tokens"  # question-aware runs before the draft was greedy
+
+
+def task_queries_setting() -> str:
+    """How question-aware compaction reads the question, as recorded in a run's config (--resume compares it)."""
+    from agentloop.compaction.span import TASK_DRAFT, TASK_SHARE
+
+    return f"{TASK_SHARE:.0%} of rows; greedy draft of up to {TASK_DRAFT} tokens"
+
+
 def correct(answer: str, key: str) -> bool:
     return key in re.findall(r"\d+", answer)
 
@@ -108,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     add_output_options(parser, "passkey")
     args = parser.parse_args(argv)
     argv = [a for a in argv or [] if a != "--resume"]
+    args.task_queries = task_queries_setting() if args.question_aware else None
 
     from agentloop import Session
     from agentloop.compaction.span import compact_span
@@ -161,8 +172,9 @@ def _earlier_records(args) -> list[dict]:
         return []
     earlier = json.loads(path.read_text())
     same = ("model", "min_tokens", "max_tokens", "methods", "ratios", "max_queries", "answer_tokens", "seed",
-            "question_aware")
-    older = {"question_aware": False}  # settings that runs from before the option did not record
+            "question_aware", "task_queries")
+    # settings that runs from before they were recorded did not name: what the code did then
+    older = {"question_aware": False, "task_queries": SAMPLED_DRAFT if earlier["config"].get("question_aware") else None}
     changed = [k for k in same if earlier["config"].get(k, older.get(k)) != getattr(args, k)]
     if changed:
         raise AgentloopError(f"--resume: {path} was run with other settings ({', '.join(changed)}); "

@@ -54,3 +54,34 @@ def test_max_queries_all_means_every_query():
 
     assert query_budget("all") is None
     assert query_budget("512") == 512
+
+
+def _resume_args(**settings):
+    from argparse import Namespace
+
+    base = dict(model="m", min_tokens=10, max_tokens=20, methods=["am-hak-fast"], ratios=[2], max_queries=16384,
+                answer_tokens=8, seed=0, question_aware=True, name="run")
+    return Namespace(**{**base, **settings})
+
+
+def test_resume_keeps_complete_trials_and_refuses_a_run_with_other_task_queries(tmp_path, monkeypatch):
+    import json
+
+    from agentloop.errors import AgentloopError
+    from agentloop.evals.passkey import _earlier_records, task_queries_setting
+
+    monkeypatch.setattr("agentloop.evals.results_dir", lambda: tmp_path)
+    args = _resume_args(task_queries=task_queries_setting())
+    records = [{"trial": 0, "method": "full"}, {"trial": 0, "method": "am-hak-fast"}, {"trial": 1, "method": "full"}]
+    config = {k: v for k, v in vars(args).items() if k != "task_queries"}  # a run from before the greedy draft
+    (tmp_path / "run.json").write_text(json.dumps({"config": config, "records": records}))
+    with pytest.raises(AgentloopError, match="task_queries"):
+        _earlier_records(args)
+
+    (tmp_path / "run.json").write_text(json.dumps({"config": vars(args), "records": records}))
+    assert _earlier_records(args) == records[:2]  # trial 1 stopped after its uncompacted answer: run again
+
+    agnostic = _resume_args(question_aware=False, task_queries=None)
+    old = {k: v for k, v in vars(agnostic).items() if k not in ("question_aware", "task_queries")}
+    (tmp_path / "run.json").write_text(json.dumps({"config": old, "records": records}))
+    assert _earlier_records(agnostic) == records[:2]  # question-agnostic runs recorded neither setting
