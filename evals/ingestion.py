@@ -13,6 +13,10 @@ pass key is" and 8 tokens are decoded greedily; correct when the key is among th
 Conditions: the whole result; AM compaction on ingestion at 2x/5x/10x; truncation at the same ratios (the
 result's head and tail kept verbatim in as many slots as the compacted result; no β, so slightly fewer
 bytes). Memory held is the cache right after ingestion, before the question.
+
+With --task-first the user asks the question up front ("Read notes.txt, then answer: ...") and a further
+condition, `am-task`, ingests as the agent does with `memory.ingest.task_queries: true`: the pending request
+and the model's draft reply to it hold a quarter of the fitting rows.
 """
 
 from __future__ import annotations
@@ -45,7 +49,12 @@ def haystack(tokenizer, rng: random.Random, n_tokens: int, source: str) -> str:
     return tokenizer.decode(ids[:n_tokens])
 
 
-def make_trial(tokenizer, rng: random.Random, n_tokens: int, source: str):
+def request(task_first: bool) -> str:
+    """The user's first message: read the file (and, with the task first, what to find in it)."""
+    return f"Read notes.txt, then answer: {QUESTION}" if task_first else "Read notes.txt."
+
+
+def make_trial(tokenizer, rng: random.Random, n_tokens: int, source: str, task_first: bool = False):
     """(ids before the result, the result's ids, ids of the question and answer prefix, key, depth)."""
     from agentloop.agent import ChatFormat
     from agentloop.tools import make_read_file
@@ -57,7 +66,7 @@ def make_trial(tokenizer, rng: random.Random, n_tokens: int, source: str):
     needle = f"# {NEEDLE.format(key=key)}\n" if source == "code" else f" {NEEDLE.format(key=key)} "
     result = text[:boundary] + needle + text[boundary:].lstrip(" ")
     chat = ChatFormat(tokenizer, [make_read_file(Path(".")).schema()])
-    rendered = chat.render([{"role": "user", "content": "Read notes.txt."}, {"role": "assistant", "content": READ_CALL},
+    rendered = chat.render([{"role": "user", "content": request(task_first)}, {"role": "assistant", "content": READ_CALL},
                             {"role": "tool", "content": "@@RESULT@@"}, {"role": "user", "content": QUESTION}])
     before, after = rendered.split("@@RESULT@@")
     return chat.encode(before), chat.encode(result), chat.encode(after + ANSWER_PREFIX), key, depth
@@ -113,17 +122,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-tokens", type=int, default=0, help="compact each piece in chunks of this many tokens "
                         "(0: each piece as one block, the default of memory.ingest.chunk_tokens)")
     add_query_option(parser)
+    parser.add_argument("--task-first", action="store_true",
+                        help="the user asks the question before the file is read; adds the am-task condition "
+                             "(memory.ingest.task_queries: the compaction knows the pending request)")
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     add_output_options(parser, "ingestion")
     args = parser.parse_args(argv)
 
     from agentloop import Session
+    from agentloop.compaction.queries import turn_ids
     from agentloop.evals import load_eval_model
     from agentloop.ingest import ingest_result
     from agentloop.task import IngestSpec
 
     loaded = load_eval_model(args.model)
+    pending = turn_ids(loaded.tokenizer, request(True))  # the agent's task_ids: the pending request as a new turn
     rng = random.Random(args.seed)
     short, long = f"{args.min_tokens}-{args.max_tokens} tok", f"{args.long_tokens} tok"
     plan = [(short, args.ratios)] * args.trials + [(long, args.long_ratios)] * args.long_trials
@@ -131,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     for trial, (group, ratios) in enumerate(plan):
         tic = time.perf_counter()
         n_tokens = rng.randint(args.min_tokens, args.max_tokens) if group == short else args.long_tokens
-        prefix, result, suffix, key, depth = make_trial(loaded.tokenizer, rng, n_tokens, args.source)
+        prefix, result, suffix, key, depth = make_trial(loaded.tokenizer, rng, n_tokens, args.source, args.task_first)
         base = Session(loaded)
         list(base.feed(prefix))
         whole = base.fork()
@@ -144,14 +158,15 @@ def main(argv: list[str] | None = None) -> int:
             spec = IngestSpec(trigger_tokens=2 * args.keep + 2, ratio=1 / ratio, keep_first=args.keep,
                               keep_last=args.keep, piece_tokens=args.piece_tokens,
                               chunk_tokens=args.chunk_tokens or None, max_queries=args.max_queries)
-            session = base.fork()
-            pieces = [item for item in ingest_result(session, result, spec, seed=args.seed + trial)
-                      if isinstance(item, dict)]
-            slots = sum(p["slots_after"] for p in pieces)
-            records.append({**row, "condition": "am", "ratio": ratio, "result_slots": slots, "pieces": len(pieces),
-                            "compact_s": round(sum(p["seconds"] for p in pieces), 2),
-                            "output_error": sum(p["output_error"] for p in pieces) / len(pieces),
-                            **_measure(session, *measure)})
+            for condition, task_ids in [("am", [])] + [("am-task", pending)] * args.task_first:
+                session = base.fork()
+                pieces = [item for item in ingest_result(session, result, spec, task_ids, seed=args.seed + trial)
+                          if isinstance(item, dict)]
+                slots = sum(p["slots_after"] for p in pieces)
+                records.append({**row, "condition": condition, "ratio": ratio, "result_slots": slots,
+                                "pieces": len(pieces), "compact_s": round(sum(p["seconds"] for p in pieces), 2),
+                                "output_error": sum(p["output_error"] for p in pieces) / len(pieces),
+                                **_measure(session, *measure)})
             session = whole.fork()
             truncate_result(session, len(result), slots)
             records.append({**row, "condition": "truncate", "ratio": ratio, "result_slots": slots,
@@ -174,7 +189,9 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
     from agentloop.memcap import format_bytes
 
     groups = list(dict.fromkeys(r["group"] for r in records))  # short results first, then long ones
-    conditions = [("whole", 1)] + [(c, r) for r in sorted({r["ratio"] for r in records} - {1}) for c in ("am", "truncate")]
+    present = {(r["condition"], r["ratio"]) for r in records}
+    conditions = [("whole", 1)] + [(c, r) for r in sorted({r["ratio"] for r in records} - {1})
+                                   for c in ("am", "am-task", "truncate") if (c, r) in present]
     summary = {}
     for condition, ratio in conditions:
         for group in groups:
@@ -187,12 +204,16 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
                     "result_slots": sum(r["result_slots"] for r in sel) / len(sel)}
     trials = len({r["trial"] for r in records})
     chunks = f" in chunks of {args.chunk_tokens} tokens" if args.chunk_tokens else ""
+    first = getattr(args, "task_first", False)
+    asked = ("The user asks the question before the file is read and again after it; `am-task` compacts knowing "
+             "that pending request (memory.ingest.task_queries), `am` does not. " if first else "")
     lines = [f"# Passkey retrieval from a long tool result compacted on ingestion ({args.model}, {args.source})", "",
              (f"{trials} trials: a five-digit pass key at a random depth of a tool result of {' or '.join(groups)}ens "
               "(columns), read in an "
               f"agent conversation; the result is ingested in pieces of at most {args.piece_tokens} tokens, each "
               f"compacted right after its prefill{chunks} (first/last {args.keep} tokens of the result verbatim), "
-              "then the question is asked. `truncate` keeps the result's head and tail in as many slots as `am`. Accuracy (n), "
+              f"then the question is asked. {asked}`truncate` keeps the result's head and tail in as many slots as "
+              "`am`. Accuracy (n), "
               "and the cache held after ingestion:"), "",
              "| condition | " + " | ".join(f"accuracy {g} | cache {g}" for g in groups) + " |",
              "|---|" + "---|---|" * len(groups)]
@@ -222,7 +243,7 @@ def _plot(summary: dict, groups: list[str], path: Path) -> None:
         whole = summary.get("whole 1x", {}).get(group)
         if whole:
             ax.axhline(whole["accuracy"], color=color, lw=1, ls=":", label=f"whole result ({group})")
-        for condition, style in (("am", "-o"), ("truncate", "--s")):
+        for condition, style in (("am", "-o"), ("am-task", "-^"), ("truncate", "--s")):
             points = sorted((int(name.split()[1][:-1]), g[group]["accuracy"]) for name, g in summary.items()
                             if name.startswith(condition + " ") and group in g)
             if points:

@@ -85,3 +85,15 @@ def test_resume_keeps_complete_trials_and_refuses_a_run_with_other_task_queries(
     old = {k: v for k, v in vars(agnostic).items() if k not in ("question_aware", "task_queries")}
     (tmp_path / "run.json").write_text(json.dumps({"config": old, "records": records}))
     assert _earlier_records(agnostic) == records[:2]  # question-agnostic runs recorded neither setting
+
+
+@pytest.mark.parametrize("task_first", [False, True])
+def test_ingestion_trial_asks_the_question_first_only_when_told(smollm2, task_first):
+    import random
+
+    from agentloop.evals.ingestion import QUESTION, make_trial
+
+    prefix, result, suffix, key, _ = make_trial(smollm2.tokenizer, random.Random(0), 300, "prose", task_first)
+    decode = smollm2.tokenizer.decode
+    assert (QUESTION in decode(prefix)) is task_first
+    assert QUESTION in decode(suffix) and key in decode(result) and key not in decode(prefix + suffix)
