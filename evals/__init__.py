@@ -19,6 +19,7 @@ EVALS: dict[str, tuple[str, str]] = {
     "compaction-speed": ("agentloop.evals.compaction_speed", "seconds and GFLOP/s per stage of am-hak-fast, by span length"),
     "gsm8k": ("agentloop.evals.gsm8k", "GSM8K accuracy under a KV cap (online compaction) vs uncapped"),
     "ingestion": ("agentloop.evals.ingestion", "pass key in a long tool result compacted on ingestion vs whole vs truncated"),
+    "ruler": ("agentloop.evals.ruler", "RULER needle and QA tasks after one-shot compaction, per method and ratio"),
 }
 
 
