@@ -32,7 +32,7 @@ DEFAULT_TASKS = ("niah_single_2", "qa_1")  # qa_2 (HotpotQA) needs --max-seq-len
 DEFAULT_METHODS = ("am-hak-fast", "am-hak", "snapkv", "random")
 CONTEXT = "@@CONTEXT@@"  # marks the context in the template RULER fills, so the span can be cut out exactly
 ANSWER = "@@ANSWER@@"  # marks where RULER's answer prefix starts
-GENERATOR_TIMEOUT_S = 300  # RULER's generators take seconds; its QA one can loop forever on too short a length
+GENERATOR_TIMEOUT_S = 600  # RULER's generators take seconds; its QA one can loop forever on too short a length
 # run inside the subprocess: RULER's niah splits sentences with nltk's trained "punkt" model, a download;
 # an untrained Punkt tokenizer needs no data and splits the essays well enough
 _RUN_GENERATOR = """
