@@ -191,3 +191,4 @@ def _plot(curves: dict[str, list[float]], rows: dict, path, cap: str) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)

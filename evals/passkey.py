@@ -19,6 +19,7 @@ NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? Answer with the number only."
 ANSWER_PREFIX = "The pass key is"  # prefilled as the start of the answer, so the model states the key
 DEFAULT_METHODS = ("am-hak-fast", "am-hak", "am-omp-fast", "am-omp", "h2o", "snapkv", "streaming", "random")
+SAMPLED_DRAFT = "25% of rows; sampled draft of 16 tokens"  # how question-aware runs read the question before the greedy draft
 
 
 def make_trial(tokenizer, rng: random.Random, min_tokens: int, max_tokens: int):
@@ -37,9 +38,6 @@ def make_trial(tokenizer, rng: random.Random, min_tokens: int, max_tokens: int):
     def encode(text):
         return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
     return encode(before), encode(context), encode(after + ANSWER_PREFIX), key
-
-
-SAMPLED_DRAFT = "25% of rows; sampled draft of 16 tokens"  # question-aware runs before the draft was greedy
 
 
 def task_queries_setting() -> str:
@@ -246,3 +244,4 @@ def _plot(summary, methods, ratios, full_acc, path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)  # evals that plot after every trial would otherwise keep every figure open

@@ -166,3 +166,4 @@ def _plot(summary, policies, ks, path, cap) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)  # evals that plot after every trial would otherwise keep every figure open
