@@ -94,6 +94,27 @@ def read_jsonl(path: str, expected: str) -> list[tuple[int, object]]:
     return rows
 
 
+def earlier_records(args, same: tuple[str, ...], unit, per_unit: int, older: dict | None = None) -> list[dict]:
+    """--resume: the records of evals/results/<args.name>.json if it was run with the same settings `same` (a
+    setting an older file did not record counts as `older[setting]`), complete units only: `unit(record)` names
+    the trial or sample a record belongs to, and a complete one has `per_unit` records."""
+    from agentloop.errors import AgentloopError
+
+    path = results_dir() / f"{args.name}.json"
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    older = older or {}
+    changed = [k for k in same if earlier["config"].get(k, older.get(k)) != getattr(args, k)]
+    if changed:
+        raise AgentloopError(f"--resume: {path} was run with other settings ({', '.join(changed)}); "
+                             "resume with the same settings, or give another --name")
+    count: dict = {}
+    for record in earlier["records"]:
+        count[unit(record)] = count.get(unit(record), 0) + 1
+    return [r for r in earlier["records"] if count[unit(r)] == per_unit]
+
+
 def write_results(name: str, data: dict, markdown: str) -> Path:
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ A trial is correct when the answer contains the pass key.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import re
@@ -162,25 +161,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _earlier_records(args) -> list[dict]:
     """The records of an earlier run of the same settings (--resume), complete trials only."""
-    from agentloop.errors import AgentloopError
-    from agentloop.evals import results_dir
+    from agentloop.evals import earlier_records
 
-    path = results_dir() / f"{args.name}.json"
-    if not path.is_file():
-        return []
-    earlier = json.loads(path.read_text())
     same = ("model", "min_tokens", "max_tokens", "methods", "ratios", "max_queries", "answer_tokens", "seed",
             "question_aware", "task_queries")
     # settings that runs from before they were recorded did not name: what the code did then
-    older = {"question_aware": False, "task_queries": SAMPLED_DRAFT if earlier["config"].get("question_aware") else None}
-    changed = [k for k in same if earlier["config"].get(k, older.get(k)) != getattr(args, k)]
-    if changed:
-        raise AgentloopError(f"--resume: {path} was run with other settings ({', '.join(changed)}); "
-                             "resume with the same settings, or give another --name")
-    per_trial = 1 + len(args.methods) * len(args.ratios)
-    trials = [t for t in {r["trial"] for r in earlier["records"]}
-              if sum(r["trial"] == t for r in earlier["records"]) == per_trial]
-    return [r for r in earlier["records"] if r["trial"] in trials]
+    older = {"question_aware": False, "task_queries": SAMPLED_DRAFT if args.question_aware else None}
+    return earlier_records(args, same, lambda r: r["trial"], 1 + len(args.methods) * len(args.ratios), older)
 
 
 def _report(args, records: list[dict], argv: list[str] | None) -> str:

@@ -205,23 +205,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _earlier_records(args) -> list[dict]:
     """The records of an earlier run of the same settings (--resume), complete samples only."""
-    from agentloop.errors import AgentloopError
-    from agentloop.evals import results_dir
+    from agentloop.evals import earlier_records
 
-    path = results_dir() / f"{args.name}.json"
-    if not path.is_file():
-        return []
-    earlier = json.loads(path.read_text())
     same = ("model", "max_seq_length", "methods", "ratios", "max_queries", "question_aware", "answer_tokens", "seed")
-    changed = [k for k in same if earlier["config"].get(k) != getattr(args, k)]
-    if changed:
-        raise AgentloopError(f"--resume: {path} was run with other settings ({', '.join(changed)}); "
-                             "resume with the same settings, or give another --name")
-    per_sample = 1 + len(args.methods) * len(args.ratios)
-    count: dict[tuple, int] = {}
-    for r in earlier["records"]:
-        count[r["task"], r["sample"]] = count.get((r["task"], r["sample"]), 0) + 1
-    return [r for r in earlier["records"] if count[r["task"], r["sample"]] == per_sample]
+    return earlier_records(args, same, lambda r: (r["task"], r["sample"]), 1 + len(args.methods) * len(args.ratios))
 
 
 def _report(args, records: list[dict], argv: list[str] | None) -> str:
