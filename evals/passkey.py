@@ -69,6 +69,28 @@ def answer(session, suffix: list[int], max_new_tokens: int) -> str:
     return events[-1].text
 
 
+def answers_after_compaction(loaded, prefix: list[int], context: list[int], suffix: list[int], args, seed: int):
+    """Yield (method, ratio, answer, compaction seconds) after prefilling prefix + context: the full cache's answer
+    first ("full", 1, answer, None), then, for each of args.methods and args.ratios, the answer after compacting the
+    context span of a fresh copy (`args`: methods, ratios, max_queries, question_aware, answer_tokens)."""
+    from agentloop import Session
+    from agentloop.compaction.span import compact_span
+
+    base = Session(loaded)
+    for _ in base.feed(prefix + context, record=True):
+        pass
+    yield "full", 1, answer(base.fork(), suffix, args.answer_tokens), None
+    memo: dict[str, dict] = {}  # query sources collected once per context, shared by every method and ratio
+    start, end = len(prefix), len(prefix) + len(context)
+    for method in args.methods:
+        for ratio in args.ratios:
+            session = base.fork()
+            stats = compact_span(session, start, end, 1.0 / ratio, method=method, context_ids=context, memo=memo,
+                                 max_queries=args.max_queries, seed=seed,
+                                 task_ids=suffix if args.question_aware else None)
+            yield method, ratio, answer(session, suffix, args.answer_tokens), round(sum(stats.seconds.values()), 2)
+
+
 def digits_heading(note: str = "") -> str:
     return (f"Digits of the key recalled in order (mean share; {note}a number unrelated to the key scores about "
             "0.1-0.2 by chance):")
@@ -117,8 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv or [] if a != "--resume"]
     args.task_queries = task_queries_setting() if args.question_aware else None
 
-    from agentloop import Session
-    from agentloop.compaction.span import compact_span
     from agentloop.evals import load_eval_model
 
     records = _earlier_records(args) if args.resume else []
@@ -130,24 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         prefix, context, suffix, key = make_trial(loaded.tokenizer, rng, args.min_tokens, args.max_tokens)
         if trial in done:  # made anyway: the random stream of the later trials stays the same
             continue
-        base = Session(loaded)
-        for _ in base.feed(prefix + context, record=True):
-            pass
-        start, end = len(prefix), len(prefix) + len(context)
-        full = answer(base.fork(), suffix, args.answer_tokens)
-        records.append({"trial": trial, "method": "full", "ratio": 1, "tokens": len(context), "key": key,
-                        "answer": full, "correct": correct(full, key)})
-        memo: dict[str, dict] = {}
-        for method in args.methods:
-            for ratio in args.ratios:
-                session = base.fork()
-                stats = compact_span(session, start, end, 1.0 / ratio, method=method, context_ids=context, memo=memo,
-                                     max_queries=args.max_queries, seed=args.seed + trial,
-                                     task_ids=suffix if args.question_aware else None)
-                text = answer(session, suffix, args.answer_tokens)
-                records.append({"trial": trial, "method": method, "ratio": ratio, "tokens": len(context),
-                                "key": key, "answer": text, "correct": correct(text, key),
-                                "compact_s": round(sum(stats.seconds.values()), 2)})
+        for method, ratio, text, seconds in answers_after_compaction(loaded, prefix, context, suffix, args,
+                                                                     args.seed + trial):
+            records.append({"trial": trial, "method": method, "ratio": ratio, "tokens": len(context), "key": key,
+                            "answer": text, "correct": correct(text, key),
+                            **({} if seconds is None else {"compact_s": seconds})})
         done = [r for r in records if r["trial"] == trial]
         print(f"trial {trial}: {len(context)} tokens, full {'ok' if done[0]['correct'] else 'miss'}, "
               f"compacted {sum(r['correct'] for r in done[1:])}/{len(done) - 1} ok ({time.perf_counter() - tic:.0f}s)",

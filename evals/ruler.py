@@ -158,10 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     argv = [a for a in argv or [] if a != "--resume"]
 
-    from agentloop import Session
-    from agentloop.compaction.span import compact_span
     from agentloop.evals import load_eval_model
-    from agentloop.evals.passkey import answer
+    from agentloop.evals.passkey import answers_after_compaction
 
     loaded = load_eval_model(args.model)
     package = ruler_package()
@@ -174,25 +172,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             tic = time.perf_counter()
             prefix, context, suffix = split_sample(loaded.tokenizer, sample["input"])
-            base = Session(loaded)
-            for _ in base.feed(prefix + context, record=True):
-                pass
             row = {"task": task, "sample": index, "tokens": len(context), "golds": sample["outputs"]}
-            full = answer(base.fork(), suffix, args.answer_tokens)
-            records.append({**row, "method": "full", "ratio": 1, "answer": full,
-                            "score": score(kind, full, sample["outputs"])})
-            memo: dict[str, dict] = {}
-            start, end = len(prefix), len(prefix) + len(context)
-            for method in args.methods:
-                for ratio in args.ratios:
-                    session = base.fork()
-                    stats = compact_span(session, start, end, 1.0 / ratio, method=method, context_ids=context,
-                                         memo=memo, max_queries=args.max_queries, seed=args.seed + index,
-                                         task_ids=suffix if args.question_aware else None)
-                    text = answer(session, suffix, args.answer_tokens)
-                    records.append({**row, "method": method, "ratio": ratio, "answer": text,
-                                    "score": score(kind, text, sample["outputs"]),
-                                    "compact_s": round(sum(stats.seconds.values()), 2)})
+            for method, ratio, text, seconds in answers_after_compaction(loaded, prefix, context, suffix, args,
+                                                                         args.seed + index):
+                records.append({**row, "method": method, "ratio": ratio, "answer": text,
+                                "score": score(kind, text, sample["outputs"]),
+                                **({} if seconds is None else {"compact_s": seconds})})
             mine = [r for r in records if (r["task"], r["sample"]) == (task, index)]
             print(f"{task} {index}: {len(context)} tokens, full {mine[0]['score']:.0%}, compacted mean "
                   f"{sum(r['score'] for r in mine[1:]) / (len(mine) - 1):.0%} ({time.perf_counter() - tic:.0f}s)",
