@@ -21,21 +21,25 @@ PROMPT = ("Write a long, detailed essay about how a small town changed over one 
 DEFAULT_POLICIES = ("am-repeat", "am-both", "am-recorded", "h2o", "snapkv", "streaming", "truncate")
 REPETITION_PENALTY = 1.1  # a tiny model's sampled text otherwise falls into loops that any policy predicts
 AFTER = 6  # report the continuation after this many compactions separately
+PROMPT_SHARE = 0.5  # `-prompt` policies: share of the fitting rows given to the first prompt and its draft reply
 
 
 def policy_for(name: str, seed: int, protect_recent: int = 20):
     """The named policy of this benchmark: `am-repeat`, `am-recorded` and `am-both` are `am` with repeat-prefill
     queries, decode-time queries, or both (`am`'s default); with `-all` appended (`am-both-all`) each compaction
-    re-reads the whole context (the paper's protocol) instead of only the text added since the previous one."""
+    re-reads the whole context (the paper's protocol) instead of only the text added since the previous one; with
+    `-prompt` appended (`am-repeat-prompt`, `snapkv-prompt`) the first prompt is read again at each compaction and
+    its queries get PROMPT_SHARE of the rows (the policies' `prompt_share`)."""
     from agentloop.policies import make_policy
 
+    name, prompt = (name[:-7], {"prompt_share": PROMPT_SHARE}) if name.endswith("-prompt") else (name, {})
     base, reread = (name[:-4], "all") if name.endswith("-all") else (name, "new")
     if base in ("am-repeat", "am-recorded", "am-both"):
         queries = {"am-repeat": "repeat", "am-recorded": "recorded", "am-both": "repeat+recorded"}[base]
-        return make_policy("am", queries=queries, reread=reread, seed=seed, protect_recent=protect_recent)
+        return make_policy("am", queries=queries, reread=reread, seed=seed, protect_recent=protect_recent, **prompt)
     if name in ("am", "h2o", "snapkv"):
-        return make_policy(name, seed=seed, protect_recent=protect_recent)
-    return make_policy(name)
+        return make_policy(name, seed=seed, protect_recent=protect_recent, **prompt)
+    return make_policy(name, **prompt)
 
 
 def generate_continuation(loaded, prompt_ids: list[int], tokens: int, seed: int,

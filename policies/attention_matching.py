@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from agentloop.compaction.queries import RepeatMemory
-from agentloop.compaction.span import compact_span
+from agentloop.compaction.span import TASK_SHARE, compact_span
 from agentloop.policies.base import MemoryPolicy, Room
 
 QUERY_SOURCES = {
@@ -22,6 +22,7 @@ QUERY_SOURCES = {
     "recorded": (("recorded", 1.0),),
     "repeat+recorded": (("repeat", 1.0), ("recorded", 1.0)),
 }
+QuerySource = Literal["repeat", "recorded", "repeat+recorded"]
 
 
 @dataclass
@@ -37,7 +38,12 @@ class AttentionMatchingPolicy(MemoryPolicy):
     # repeat-prefill alone or recorded alone fell behind eviction, the two together matched the best of it. For
     # long-range memory `repeat` alone is better: it kept a pass key through 5-8 halvings where the mix kept it
     # through 2-3 (evals/results/passkey_online_qwen.md)
-    queries: Literal["repeat", "recorded", "repeat+recorded"] = "repeat+recorded"
+    queries: QuerySource = "repeat+recorded"
+    # share of the fitting rows given to the first prompt (the run's task): at each compaction it is read again on
+    # top of the cache, with the model's greedy draft reply (compact_span's `task_ids`), so that what the task says
+    # keeps its weight through many halvings while the prompt is still compacted (0 = off). A pass key in the prompt
+    # then survived 8 halvings (evals/results/passkey_online.md)
+    prompt_share: float = 0.0
     # `new`: each compaction re-reads only the text added since the previous one and reuses the queries kept
     # from earlier re-reads (compaction time bounded by the cap); `all`: the paper's protocol, re-read everything
     reread: Literal["new", "all"] = "new"
@@ -59,6 +65,8 @@ class AttentionMatchingPolicy(MemoryPolicy):
             raise ValueError(f"unknown query source {self.queries!r}; choose one of {', '.join(QUERY_SOURCES)}")
         if self.protect_recent < 0:
             raise ValueError(f"protect_recent must be >= 0, got {self.protect_recent}")
+        if not 0 <= self.prompt_share < 1:
+            raise ValueError(f"prompt_share must be in [0, 1), got {self.prompt_share}")
         if self.reread not in ("new", "all"):
             raise ValueError(f"reread must be 'new' or 'all', got {self.reread!r}")
         self.repeat_memory = RepeatMemory(self.max_queries)
@@ -86,8 +94,10 @@ class AttentionMatchingPolicy(MemoryPolicy):
         if "repeat" in self.queries and self.reread == "new":
             memo["repeat"] = self.repeat_memory.queries(session, context_ids, seed)
         probe_seconds = time.perf_counter() - tic
+        task_ids = session.token_ids[:room.prompt_len] if self.prompt_share else None
         stats = compact_span(session, start, end, kept, method=self.method, sources=QUERY_SOURCES[self.queries],
-                             context_ids=context_ids, max_queries=self.max_queries, seed=seed, memo=memo)
+                             context_ids=context_ids, max_queries=self.max_queries, seed=seed, memo=memo,
+                             task_ids=task_ids, task_share=self.prompt_share or TASK_SHARE)
         for stage in ("queries", "total"):  # the re-read ran before compact_span: count it where it belongs
             stats.seconds[stage] += probe_seconds
         self.compactions += 1
@@ -105,7 +115,7 @@ class H2OPolicy(AttentionMatchingPolicy):
 
     name = "h2o"
     method: str = "h2o"
-    queries: Literal["repeat", "recorded", "repeat+recorded"] = "recorded"
+    queries: QuerySource = "recorded"
 
 
 @dataclass
@@ -114,4 +124,4 @@ class SnapKVPolicy(AttentionMatchingPolicy):
 
     name = "snapkv"
     method: str = "snapkv"
-    queries: Literal["repeat", "recorded", "repeat+recorded"] = "recorded"
+    queries: QuerySource = "recorded"

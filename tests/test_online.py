@@ -89,7 +89,8 @@ def test_eviction_baselines_keep_original_slots(tiny_llama, name):
 
 
 @pytest.mark.parametrize("options, message", [({"ratio": 1.5}, "ratio"), ({"method": "zip"}, "unknown compaction"),
-                                              ({"queries": "dreams"}, "query source"), ({"nope": 1}, "no option")])
+                                              ({"queries": "dreams"}, "query source"), ({"nope": 1}, "no option"),
+                                              ({"prompt_share": 1.0}, "prompt_share")])
 def test_bad_policy_options_are_clear_errors(options, message):
     with pytest.raises(AgentloopError, match=message):
         make_policy("am", **options)
@@ -127,3 +128,49 @@ def test_reread_new_reads_only_the_text_added_since_the_last_compaction(tiny_lla
         assert probed == [logical[0]] + [b - a for a, b in zip(logical, logical[1:], strict=False)]
         assert max(probed[1:]) < 64 < logical[-1]
         assert all(q.shape[1] <= 256 for q in policy.repeat_memory.rows.values())
+
+
+def _counting(probe, ids_of_interest: list[int], log: list, tag):
+    def counted(ids, **kw):
+        if ids == ids_of_interest:
+            log.append(tag)
+        return probe(ids, **kw)
+    return counted
+
+
+def test_prompt_share_reads_the_prompt_again_at_every_compaction_and_still_compacts_it(tiny_llama):
+    prompt, filler = _prompt(16, seed=4), _prompt(160, seed=9)
+    prompt_reads, rows = [], {}
+    for share in (0.0, 0.5):
+        session = Session(tiny_llama, cap="64tok", policy=make_policy("am", queries="repeat", prompt_share=share),
+                          prefill_chunk=16)
+        session.probe = _counting(session.probe, prompt, prompt_reads, share)
+        list(session.feed(prompt))
+        events = [e for e in session.feed(filler) if e.kind == "policy"]
+        assert len(events) >= 4 and session.peak_bytes <= session.cap_bytes
+        assert torch.all(session.cache.beta(0)[..., :16] != 0)  # the prompt's slots were compacted too
+        assert prompt_reads.count(share) == (len(events) if share else 0)  # one read of the prompt per compaction
+        rows[share] = [e.details["queries"] for e in events]
+    # the same schedule; the prompt's rows (and its draft's) are repeated to about half of all the fitting rows
+    assert len(rows[0.0]) == len(rows[0.5])
+    assert all(1.6 < with_prompt / without < 2.4 for without, with_prompt in zip(rows[0.0], rows[0.5], strict=True))
+
+
+def test_prompt_share_carries_a_pass_key_through_six_halvings(smollm2):
+    """SmolLM2 under a 256-token cap, fed prose after a pass key given in the first prompt: after six compactions
+    the key is still recalled when the prompt is read again at each one, and lost without it (trial 0 of
+    `agentloop eval passkey-online`; over 20 trials see evals/results/passkey_online.md)."""
+    import random
+    from types import SimpleNamespace
+
+    from agentloop.evals.passkey_online import make_trial, run_trial
+
+    prompt, prose, question, key = make_trial(smollm2.tokenizer, random.Random(0), 2400)
+    args = SimpleNamespace(chunk=32, answer_tokens=8, max_k=6)
+    answers = {}
+    for share in (0.5, 0.0):
+        policy = make_policy("am", queries="repeat", prompt_share=share)
+        asked, peak, cap = run_trial(smollm2, policy, "256tok", prompt, prose, question, key, args, ask_at=None)
+        assert policy.compactions == 6 and peak <= cap
+        answers[share] = asked[-1][1]["answer"]
+    assert key in answers[0.5] and key not in answers[0.0], answers
