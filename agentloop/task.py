@@ -94,7 +94,7 @@ class IngestSpec(BaseModel):
         return self.model_copy(update=override.model_dump(exclude_none=True))
 
 
-_POLICY_SHORTCUTS = ("ratio", "protect_recent", "pin_prompt")
+_POLICY_SHORTCUTS = ("ratio", "protect_recent", "pin_prompt", "prompt_share")
 
 
 def _option_names(policy_cls) -> set[str]:
@@ -110,6 +110,8 @@ class MemorySpec(BaseModel):
     ratio: float | None = Field(None, gt=0, lt=1, description="am, h2o, snapkv: fraction of the compacted region kept")
     protect_recent: int | None = Field(None, ge=0, description="am, h2o, snapkv: newest tokens never compacted")
     pin_prompt: bool | None = Field(None, description="am, h2o, snapkv: keep the first prompt verbatim")
+    prompt_share: float | None = Field(None, ge=0, lt=1, description="am, h2o, snapkv: share of the fitting rows given "
+                                       "to the first prompt, read again at each compaction (0 = off)")
     ingest: IngestSpec | None = Field(None, description="compact long tool results on ingestion; none = off")
 
     @field_validator("cap", mode="before")
@@ -141,7 +143,7 @@ class MemorySpec(BaseModel):
         return value
 
     def policy_options(self) -> dict[str, Any]:
-        """`options` with the ratio / protect_recent / pin_prompt shortcuts folded in."""
+        """`options` with the ratio / protect_recent / pin_prompt / prompt_share shortcuts folded in."""
         given = {key: getattr(self, key) for key in _POLICY_SHORTCUTS if getattr(self, key) is not None}
         return {**self.options, **given}
 

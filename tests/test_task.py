@@ -37,6 +37,8 @@ def test_tools_as_a_list_or_a_mapping_of_settings():
     ({"task": "x", "max_steps": 0}, ["field `max_steps`"]),
     ({"task": "x", "memory": {"policy": "streaming", "ratio": 0.5}}, ["field `memory.ratio`", "am, h2o, snapkv"]),
     ({"task": "x", "memory": {"policy": "am", "ratio": 1.5}}, ["field `memory.ratio`"]),
+    ({"task": "x", "memory": {"policy": "am", "prompt_share": 1}}, ["field `memory.prompt_share`"]),
+    ({"task": "x", "memory": {"policy": "truncate", "prompt_share": 0.5}}, ["memory.prompt_share", "am, h2o, snapkv"]),
     ({"task": "x", "memory": {"ingest": {"ratio": 0}}}, ["field `memory.ingest.ratio`"]),
     ({"task": "x", "memory": {"ingest": {"method": "magic"}}}, ["memory.ingest.method", "am-hak-fast"]),
     ({"task": "x", "memory": {"ingest": {"trigger": 10}}}, ["unknown field `memory.ingest.trigger`"]),
@@ -53,9 +55,9 @@ def test_bad_agent_fields_name_the_field(data, needles):
 
 
 def test_policy_shortcuts_fold_into_the_policy_options():
-    memory = validate_task({"task": "x", "memory": {"policy": "am", "ratio": 0.3, "pin_prompt": True,
+    memory = validate_task({"task": "x", "memory": {"policy": "am", "ratio": 0.3, "pin_prompt": True, "prompt_share": 0.5,
                                                     "options": {"ratio": 0.9, "method": "am-hak"}}}).memory
-    assert memory.policy_options() == {"ratio": 0.3, "pin_prompt": True, "method": "am-hak"}
+    assert memory.policy_options() == {"ratio": 0.3, "pin_prompt": True, "prompt_share": 0.5, "method": "am-hak"}
 
 
 def test_ingestion_settings_per_tool():
