@@ -24,7 +24,8 @@ from agentloop.evals.passkey import (
 )
 
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-DEFAULT_POLICIES = ("am-repeat", "full", "am-both", "am-recorded", "h2o", "snapkv", "streaming")  # the first sets the schedule
+# the first sets the schedule
+DEFAULT_POLICIES = ("am-repeat-prompt", "full", "am-repeat", "am-both-prompt", "snapkv-prompt", "snapkv", "streaming")
 
 
 def make_trial(tokenizer, rng: random.Random, prose_tokens: int):
@@ -137,7 +138,10 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
                    "(`-all`: re-reading the whole context, the paper's protocol); `am-both` = with repeat and "
                    "recorded queries (the `am` default); "
                    "`am-recorded` = with the newest 256 tokens' queries; `h2o`/`snapkv` = eviction at the same "
-                   "schedule; `streaming` = 4 sinks + recent window (evicts 32 slots at a time; the key leaves its "
+                   "schedule; `-prompt` = the policy with `prompt_share: 0.5` (at each compaction the first prompt "
+                   "is read again with the model's greedy draft reply, and those queries are half the fitting "
+                   "rows; the prompt is compacted all the same); `streaming` = 4 sinks + recent window (evicts 32 "
+                   "slots at a time; the key leaves its "
                    "window at the first eviction)."), "",
               f"95% Wilson intervals and every answer are in {args.name}.json. Reproduce: `{command}`"]
     text = "\n".join(lines)
