@@ -79,17 +79,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prose-tokens", type=int, default=2400, help="prose available after the key")
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the trials already in evals/results/<name>.json (same settings) and run the rest")
     add_output_options(parser, "passkey_online")
     args = parser.parse_args(argv)
+    argv = [a for a in argv or [] if a != "--resume"]
 
     from agentloop.evals import load_eval_model
     from agentloop.evals.online_fidelity import policy_for
 
     loaded = load_eval_model(args.model)
     rng = random.Random(args.seed)
-    records = []
+    records = _earlier_records(args) if args.resume else []
+    done = {r["trial"] for r in records}
     for trial in range(args.trials):
         prompt, prose, question, key = make_trial(loaded.tokenizer, rng, args.prose_tokens)
+        if trial in done:  # made anyway: the random stream of the later trials stays the same
+            continue
         ask_at = None  # the first policy's action points, then reused for the others
         for name in args.policies:
             tic = time.perf_counter()
@@ -106,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
             _report(args, records, argv)
     print(_report(args, records, argv))
     return 0
+
+
+def _earlier_records(args) -> list[dict]:
+    """The records of an earlier run of the same settings (--resume), complete trials only."""
+    from agentloop.evals import earlier_records
+
+    same = ("model", "mem_cap", "max_k", "policies", "chunk", "prose_tokens", "answer_tokens", "seed")
+    return earlier_records(args, same, lambda r: r["trial"], len(args.policies) * args.max_k)
 
 
 def _report(args, records: list[dict], argv: list[str] | None) -> str:

@@ -97,3 +97,21 @@ def test_ingestion_trial_asks_the_question_first_only_when_told(smollm2, task_fi
     decode = smollm2.tokenizer.decode
     assert (QUESTION in decode(prefix)) is task_first
     assert QUESTION in decode(suffix) and key in decode(result) and key not in decode(prefix + suffix)
+
+
+def test_passkey_online_resume_keeps_complete_trials_of_the_same_settings(tmp_path, monkeypatch):
+    import json
+    from argparse import Namespace
+
+    from agentloop.errors import AgentloopError
+    from agentloop.evals.passkey_online import _earlier_records
+
+    monkeypatch.setattr("agentloop.evals.results_dir", lambda: tmp_path)
+    args = Namespace(model="m", mem_cap="256tok", max_k=2, policies=["am-repeat-prompt", "streaming"], chunk=32,
+                     prose_tokens=2400, answer_tokens=8, seed=0, name="run")
+    complete = [{"trial": 0, "policy": p, "k": k} for p in args.policies for k in (1, 2)]
+    records = complete + [{"trial": 1, "policy": "am-repeat-prompt", "k": 1}]  # stopped inside trial 1
+    (tmp_path / "run.json").write_text(json.dumps({"config": vars(args), "records": records}))
+    assert _earlier_records(args) == complete
+    with pytest.raises(AgentloopError, match="policies"):
+        _earlier_records(Namespace(**{**vars(args), "policies": ["am-repeat", "streaming"]}))
