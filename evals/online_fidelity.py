@@ -167,7 +167,9 @@ def _markdown(args, argv, rows: dict, ref_nll: float, n: int, prompt_tokens: int
                    "the previous one (`-all`: the whole context, the paper's protocol); `am-recorded` = "
                    "the same with the queries of the newest 256 tokens; `am-both` = both sources (policy `am`'s default); "
               "`h2o`/`snapkv` = eviction at the same schedule scored by the newest 256 tokens' queries; `streaming` = "
-              "4 sinks + recent window; `truncate` = keeps the prompt, drops the oldest tokens after it."),
+              "4 sinks + recent window; `truncate` = keeps the prompt, drops the oldest tokens after it; `-prompt` = "
+              f"with `prompt_share: {PROMPT_SHARE}` (the first prompt read again with a greedy draft reply at each "
+              "compaction, its queries that share of the fitting rows)."),
               "", f"Reproduce: `{command}`"]
     return "\n".join(lines)
 
