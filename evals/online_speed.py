@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{s['compaction_fraction']:.1%} | {s['logical']} / {s['physical']} |")
     lines += ["", ("`am-both` = policy `am` as configured by default (repeat-prefill + recorded queries; each compaction "
                    "re-reads only the text added since the previous one); `-all` = re-reading the whole context at "
-                   "every compaction (the paper's protocol); `am-repeat` / `am-recorded` = one query source."),
+                   "every compaction (the paper's protocol); `am-repeat` / `am-recorded` = one query source; `-prompt` = "
+                   "with `prompt_share: 0.5` (the first prompt read again with a greedy draft at each compaction)."),
               "", f"Reproduce: `{command}`"]
     text = "\n".join(lines)
     print(text)
