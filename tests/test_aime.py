@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from agentloop.assets import cache_dir
 from agentloop.errors import AgentloopError
 from agentloop.evals import aime
 from agentloop.evals.aime import FORCED_PREFIX, parse_answer
@@ -54,13 +55,14 @@ def test_capped_run_compacts_forces_answers_and_writes_results(tmp_path, smollm2
     data = tmp_path / "two.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
     out = tmp_path / "results"
-    assert aime.main(["--data", str(data), "--mem-cap", "160tok", "--max-compactions", "2", "--max-new-tokens", "400",
-                      "--greedy", "--out", "run", "--results-dir", str(out)]) == 0
+    model_dir = cache_dir() / "models" / "smollm2-135m"  # the converted model, given by path as a user would
+    assert aime.main(["--model", str(model_dir), "--data", str(data), "--mem-cap", "160tok", "--max-compactions", "6",
+                      "--max-new-tokens", "400", "--greedy", "--out", "run", "--results-dir", str(out)]) == 0
 
     records = [json.loads(line) for line in (out / "run.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == [0, 1]
     assert all(r["physical_peak"] <= 160 for r in records), "the physical cap is hard, answer phase included"
-    assert all(r["compactions"] <= 2 for r in records) and max(r["compactions"] for r in records) > 0
+    assert all(r["compactions"] <= 6 for r in records) and max(r["compactions"] for r in records) > 0
     assert max(r["logical_len"] for r in records) > 160, "compaction must let the run go past the physical cap"
     assert all(r["forced"] or r["predicted"] is not None for r in records)
     reserve = len(smollm2.tokenizer(FORCED_PREFIX, add_special_tokens=False)["input_ids"]) + aime.ANSWER_TOKENS
