@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(args, records: list[dict], argv: list[str] | None, model: str) -> str:
     from agentloop.evals import write_results
+    from agentloop.evals.online_fidelity import PROMPT_LEGEND
     from agentloop.evals.passkey import wilson
 
     names = list(dict.fromkeys(r["policy"] for r in records))
@@ -136,9 +137,8 @@ def _report(args, records: list[dict], argv: list[str] | None, model: str) -> st
                      f"{s['compactions_max']} | {s['runs_with_2_or_more']} / {s['n']} | {s['logical_max']} |")
     lines += ["", ("`am-both` = policy `am` as configured by default (Attention Matching at ratio 0.5, 20 newest tokens "
                    "kept, repeat-prefill + recorded queries); `am-repeat` = repeat-prefill queries only; `snapkv` = "
-                   "eviction at the same schedule; `streaming` = sink slots and a recent window; `-prompt` = with "
-                   "`prompt_share: 0.5` (the problem prompt read again with a greedy draft at each compaction). "
-                   "Every answer is in the JSON file."), "", f"Reproduce: `{command}`"]
+                   "eviction at the same schedule; `streaming` = sink slots and a recent window; "
+                   f"{PROMPT_LEGEND}. Every answer is in the JSON file."), "", f"Reproduce: `{command}`"]
     text = "\n".join(lines)
     if not args.no_write:
         write_results(args.name, {"benchmark": "gsm8k", "config": vars(args), "summary": summary, "records": records,

@@ -22,6 +22,9 @@ DEFAULT_POLICIES = ("am-repeat", "am-both", "am-recorded", "h2o", "snapkv", "str
 REPETITION_PENALTY = 1.1  # a tiny model's sampled text otherwise falls into loops that any policy predicts
 AFTER = 6  # report the continuation after this many compactions separately
 PROMPT_SHARE = 0.5  # `-prompt` policies: share of the fitting rows given to the first prompt and its draft reply
+PROMPT_LEGEND = (f"`-prompt` = with `prompt_share: {PROMPT_SHARE}` (at each compaction the first prompt is read again "
+                 "with the model's greedy draft reply, and those queries are that share of the fitting rows; the "
+                 "prompt is compacted all the same)")
 
 
 def policy_for(name: str, seed: int, protect_recent: int = 20):
@@ -167,9 +170,8 @@ def _markdown(args, argv, rows: dict, ref_nll: float, n: int, prompt_tokens: int
                    "the previous one (`-all`: the whole context, the paper's protocol); `am-recorded` = "
                    "the same with the queries of the newest 256 tokens; `am-both` = both sources (policy `am`'s default); "
               "`h2o`/`snapkv` = eviction at the same schedule scored by the newest 256 tokens' queries; `streaming` = "
-              "4 sinks + recent window; `truncate` = keeps the prompt, drops the oldest tokens after it; `-prompt` = "
-              f"with `prompt_share: {PROMPT_SHARE}` (the first prompt read again with a greedy draft reply at each "
-              "compaction, its queries that share of the fitting rows)."),
+              "4 sinks + recent window; `truncate` = keeps the prompt, drops the oldest tokens after it; "
+              f"{PROMPT_LEGEND}."),
               "", f"Reproduce: `{command}`"]
     return "\n".join(lines)
 

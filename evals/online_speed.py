@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from agentloop.chat import encode_messages
     from agentloop.evals import load_eval_model
-    from agentloop.evals.online_fidelity import policy_for
+    from agentloop.evals.online_fidelity import PROMPT_LEGEND, policy_for
 
     loaded = load_eval_model(args.model)
     prompt_ids = encode_messages(loaded.tokenizer, [{"role": "user", "content": PROMPT}])
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{s['compaction_fraction']:.1%} | {s['logical']} / {s['physical']} |")
     lines += ["", ("`am-both` = policy `am` as configured by default (repeat-prefill + recorded queries; each compaction "
                    "re-reads only the text added since the previous one); `-all` = re-reading the whole context at "
-                   "every compaction (the paper's protocol); `am-repeat` / `am-recorded` = one query source; `-prompt` = "
-                   "with `prompt_share: 0.5` (the first prompt read again with a greedy draft at each compaction)."),
+                   "every compaction (the paper's protocol); `am-repeat` / `am-recorded` = one query source; "
+                   f"{PROMPT_LEGEND}."),
               "", f"Reproduce: `{command}`"]
     text = "\n".join(lines)
     print(text)

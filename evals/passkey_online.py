@@ -124,6 +124,7 @@ def _earlier_records(args) -> list[dict]:
 
 def _report(args, records: list[dict], argv: list[str] | None) -> str:
     from agentloop.evals import results_dir, write_results
+    from agentloop.evals.online_fidelity import PROMPT_LEGEND
 
     trials = len({r["trial"] for r in records})
     ks = list(range(1, args.max_k + 1))
@@ -152,11 +153,8 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
                    "(`-all`: re-reading the whole context, the paper's protocol); `am-both` = with repeat and "
                    "recorded queries (the `am` default); "
                    "`am-recorded` = with the newest 256 tokens' queries; `h2o`/`snapkv` = eviction at the same "
-                   "schedule; `-prompt` = the policy with `prompt_share: 0.5` (at each compaction the first prompt "
-                   "is read again with the model's greedy draft reply, and those queries are half the fitting "
-                   "rows; the prompt is compacted all the same); `streaming` = 4 sinks + recent window (evicts 32 "
-                   "slots at a time; the key leaves its "
-                   "window at the first eviction)."), "",
+                   f"schedule; {PROMPT_LEGEND}; `streaming` = 4 sinks + recent window (evicts 32 slots at a time; "
+                   "the key leaves its window at the first eviction)."), "",
               f"95% Wilson intervals and every answer are in {args.name}.json. Reproduce: `{command}`"]
     text = "\n".join(lines)
     if not args.no_write:

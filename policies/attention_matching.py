@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from agentloop.compaction.queries import RepeatMemory
-from agentloop.compaction.span import TASK_SHARE, compact_span
+from agentloop.compaction.span import compact_span
 from agentloop.policies.base import MemoryPolicy, Room
 
 QUERY_SOURCES = {
@@ -97,7 +97,7 @@ class AttentionMatchingPolicy(MemoryPolicy):
         task_ids = session.token_ids[:room.prompt_len] if self.prompt_share else None
         stats = compact_span(session, start, end, kept, method=self.method, sources=QUERY_SOURCES[self.queries],
                              context_ids=context_ids, max_queries=self.max_queries, seed=seed, memo=memo,
-                             task_ids=task_ids, task_share=self.prompt_share or TASK_SHARE)
+                             task_ids=task_ids, task_share=self.prompt_share)
         for stage in ("queries", "total"):  # the re-read ran before compact_span: count it where it belongs
             stats.seconds[stage] += probe_seconds
         self.compactions += 1
