@@ -111,16 +111,22 @@ def test_rotated_queries_match_a_later_read(tiny_llama):
     torch.testing.assert_close(moved, later, atol=1e-5, rtol=1e-4)
 
 
+def _spy_on_probes(session) -> list[list[int]]:
+    """The ids of every probe the session runs from now on (each call appended to the returned list)."""
+    probed, probe = [], session.probe
+    session.probe = lambda ids, **kw: probed.append(list(ids)) or probe(ids, **kw)
+    return probed
+
+
 @pytest.mark.parametrize("reread", ["new", "all"])
 def test_reread_new_reads_only_the_text_added_since_the_last_compaction(tiny_llama, reread):
     policy = make_policy("am", queries="repeat", reread=reread, max_queries=256)
     session = Session(tiny_llama, cap="64tok", policy=policy)
-    probed = []
-    probe = session.probe
-    session.probe = lambda ids, **kw: probed.append(len(ids)) or probe(ids, **kw)
+    probes = _spy_on_probes(session)
     list(session.feed(_prompt(24)))
     events = list(session.generate(GenerationSettings(max_new_tokens=300, temperature=1.0, seed=1, ignore_eos=True)))
     logical = [e.details["logical_tokens"] for e in events if e.kind == "policy"]
+    probed = [len(ids) for ids in probes]
     assert len(logical) >= 6 and session.peak_bytes <= session.cap_bytes
     if reread == "all":  # bare model: the repeat prompt is the text itself
         assert probed == logical
@@ -130,26 +136,18 @@ def test_reread_new_reads_only_the_text_added_since_the_last_compaction(tiny_lla
         assert all(q.shape[1] <= 256 for q in policy.repeat_memory.rows.values())
 
 
-def _counting(probe, ids_of_interest: list[int], log: list, tag):
-    def counted(ids, **kw):
-        if ids == ids_of_interest:
-            log.append(tag)
-        return probe(ids, **kw)
-    return counted
-
-
 def test_prompt_share_reads_the_prompt_again_at_every_compaction_and_still_compacts_it(tiny_llama):
     prompt, filler = _prompt(16, seed=4), _prompt(160, seed=9)
-    prompt_reads, rows = [], {}
+    rows = {}
     for share in (0.0, 0.5):
         session = Session(tiny_llama, cap="64tok", policy=make_policy("am", queries="repeat", prompt_share=share),
                           prefill_chunk=16)
-        session.probe = _counting(session.probe, prompt, prompt_reads, share)
+        probed = _spy_on_probes(session)
         list(session.feed(prompt))
         events = [e for e in session.feed(filler) if e.kind == "policy"]
         assert len(events) >= 4 and session.peak_bytes <= session.cap_bytes
         assert torch.all(session.cache.beta(0)[..., :16] != 0)  # the prompt's slots were compacted too
-        assert prompt_reads.count(share) == (len(events) if share else 0)  # one read of the prompt per compaction
+        assert probed.count(prompt) == (len(events) if share else 0)  # one read of the prompt per compaction
         rows[share] = [e.details["queries"] for e in events]
     # the same schedule; the prompt's rows (and its draft's) are repeated to about half of all the fitting rows
     assert len(rows[0.0]) == len(rows[0.5])
