@@ -173,6 +173,43 @@ class CompactableCache(Cache):
         """An independent copy (tensors cloned), e.g. to try several compactions of one context."""
         return copy.deepcopy(self)
 
+    # --- persistence (checkpoints, parked sessions) -------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything the cache holds, as plain tensors (on their device) and ints: what `load_state_dict` restores.
+
+        {"layers": [{"kind": "full", "keys", "values": [batch, kv_heads, physical_len, d], "beta": [batch, kv_heads,
+        physical_len] or None, "logical_len"} | {"kind": "sliding", "keys", "values", "cumulative_length"}]}"""
+        layers = []
+        for layer in self.layers:
+            if not layer.is_initialized:
+                layers.append({"kind": "empty"})
+            elif isinstance(layer, SlidingLayer):
+                layers.append({"kind": "sliding", "keys": layer.keys, "values": layer.values,
+                               "cumulative_length": layer.cumulative_length})
+            else:
+                layers.append({"kind": "full", "keys": layer.keys, "values": layer.values, "beta": layer.beta,
+                               "logical_len": layer.logical_len})
+        return {"layers": layers}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned (tensors are copied onto this cache's layers)."""
+        if len(state["layers"]) != len(self.layers):
+            raise ValueError(f"state holds {len(state['layers'])} layers, the model has {len(self.layers)}")
+        for layer, saved in zip(self.layers, state["layers"], strict=True):
+            kind = "sliding" if isinstance(layer, SlidingLayer) else "full"
+            if saved["kind"] == "empty":
+                continue
+            if saved["kind"] != kind:
+                raise ValueError(f"state layer of kind {saved['kind']!r} does not fit a {kind} layer")
+            keys, values = saved["keys"].clone(), saved["values"].clone()
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+            if kind == "sliding":
+                layer.cumulative_length = saved["cumulative_length"]
+            else:
+                layer.beta = saved["beta"].clone() if saved["beta"] is not None else None
+                layer.logical_len = saved["logical_len"]
+
     # --- temporary extensions (reference-query probes) ------------------------------------------
     def snapshot(self) -> list:
         """What `restore` needs to undo later appends: lengths for full layers, copies of sliding windows."""

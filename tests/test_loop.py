@@ -229,3 +229,18 @@ def test_repetition_penalty_steers_away_from_seen_tokens():
     assert sample(logits, penalized, generator, context=[0]) == 1  # 2.0 / 1.3 < 1.9
     assert sample(torch.tensor([-1.0, -1.2]), penalized, generator, context=[0]) == 1  # -1.3 < -1.2
     assert torch.equal(logits, torch.tensor([2.0, 1.9, -1.0, -1.2]))  # the caller's logits are untouched
+
+
+def test_cache_state_dict_round_trip(tiny):
+    """A session rebuilt from the cache's state_dict continues with the same logits as the original."""
+    prompt = _prompt(40)
+    session = Session(tiny, cap="32tok", policy=make_policy("am", protect_recent=4), prefill_chunk=8)
+    list(session.feed(prompt[:30]))
+    list(session.generate(GenerationSettings(max_new_tokens=8, ignore_eos=True)))  # compacts: β on the cache
+    state = session.cache.state_dict()
+    other = Session(tiny, cap="32tok")
+    other.cache.load_state_dict(state)
+    assert other.cache.logical_len == session.cache.logical_len
+    assert other.cache.physical_len == session.cache.physical_len
+    step = prompt[30:33]
+    assert torch.allclose(session._step(step), other._step(step), atol=1e-5)
