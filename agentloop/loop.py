@@ -15,17 +15,19 @@ from collections.abc import Callable, Iterator
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from agentloop import attention
+from agentloop import attention, budget
 from agentloop.cache import CompactableCache
 from agentloop.compaction.queries import QueryRecorder
+from agentloop.decode import StaticDecoder, sdpa_backends
 from agentloop.errors import AgentloopError
 from agentloop.events import Event, PauseEvent, PolicyEvent, PrefillEvent, StopEvent, TokenEvent
 from agentloop.memcap import MemCap, format_bytes, parse_mem_cap
 from agentloop.models import LoadedModel
 from agentloop.policies import MemoryPolicy, NoPolicy, Room
 
-PROBE_CHUNK = 512  # tokens per forward when probing for reference queries
 PROBE_TEMPERATURE = 0.7  # sampling temperature of probe answers (self-study); 0 = greedy
+UNCAPPED_QUERY_ROWS = 16384  # reservoir rows per KV head of a probe or a recorded feed when there is no cap
+RECENT_WINDOW = 32  # newest tokens' queries a recorded feed also keeps (the `recent` query source)
 
 
 class GenerationSettings(BaseModel):
@@ -45,24 +47,33 @@ class Session:
     """One KV cache under a memory cap, fed and decoded by the loop."""
 
     def __init__(self, loaded: LoadedModel, cap: MemCap | str | int | None = None,
-                 policy: MemoryPolicy | None = None, prefill_chunk: int = 512):
+                 policy: MemoryPolicy | None = None, prefill_chunk: int = budget.PREFILL_CHUNK, decode: str = "auto"):
+        """`decode`: the one-token step — `auto` (a CUDA graph on a GPU, eager on CPU), `graph`, `static` (static
+        shapes without a graph: what the graph replays, runnable anywhere) or `eager`."""
         self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
         attention.enable(self.model)
-        self.cache = CompactableCache(self.model.config)
         self.policy = policy or NoPolicy()
         self.element_size = torch.empty((), dtype=loaded.dtype).element_size()
         if isinstance(cap, (str, int)):
             cap = parse_mem_cap(cap)
-        self.cap_bytes = cap.to_bytes(self.model.config, loaded.dtype) if cap is not None else None
-        self.cap_slots = cap.value if cap is not None and cap.unit == "tokens" else None
-        self.prefill_chunk = prefill_chunk
+        self.budget = budget.plan(self.model.config, loaded.dtype, cap, self.policy, prefill_chunk)
+        self.cap_bytes = self.budget.cap_bytes
+        self.cap_slots = self.budget.cache_slots
+        self.cache = CompactableCache(self.model.config, self.budget.cache_slots, self.budget.probe_slots)
+        self.cache.mask_bytes = self.budget.mask_bytes
+        self.query_rows = self.budget.query_rows or UNCAPPED_QUERY_ROWS
+        self.prefill_chunk = self.budget.prefill_chunk
         self.token_ids: list[int] = []
         self.prompt_len = 0
         self.last_logits: torch.Tensor | None = None  # fp32 logits of the newest position
         self.context_recorder: QueryRecorder | None = None  # queries of the last feed(record=True)
         window = self.policy.query_window()
         # queries of the newest `window` tokens fed or decoded, for policies that compact with them
-        self.recent_recorder = QueryRecorder(self.cache.compactable, self.cache.kv_heads, window) if window else None
+        self.recent_recorder = QueryRecorder(self.cache.compactable, self.cache.kv_heads, window=window) if window else None
+        if decode not in ("auto", "graph", "static", "eager"):
+            raise AgentloopError(f"unknown decode step {decode!r}: use auto, graph, static or eager")
+        self.decode = decode
+        self._decoder: StaticDecoder | None = None
         self.peak_bytes = 0
         self.policy_actions = 0
         self._t0 = time.perf_counter()
@@ -76,22 +87,25 @@ class Session:
         `on_logits` receives each chunk's fp32 logits at every position, [chunk, vocab] (teacher forcing)."""
         if not ids:
             return
-        recorder = QueryRecorder(self.cache.compactable, self.cache.kv_heads) if record else None
+        recorder = QueryRecorder(self.cache.compactable, self.cache.kv_heads, rows=self.query_rows,
+                                 window=RECENT_WINDOW) if record else None
         if record:
             self.context_recorder = recorder
         if not self.prompt_len:
             self.prompt_len = len(ids)
         start = time.perf_counter()
-        for i in range(0, len(ids), self.prefill_chunk):
-            chunk = ids[i:i + self.prefill_chunk]
+        # a chunk never takes more than half the cache, so that a policy that halves it can make room
+        step = self.prefill_chunk if self.cache.max_slots is None else max(1, min(self.prefill_chunk,
+                                                                                 self.cache.max_slots // 2))
+        for i in range(0, len(ids), step):
+            chunk = ids[i:i + step]
             fits = yield from self._make_room(len(chunk))
             if not fits:
-                need = self.cache.bytes_after(len(chunk), self.element_size)
                 raise AgentloopError(
-                    f"the memory cap ({format_bytes(self.cap_bytes)}) is too small for the input: "
-                    f"{len(self.token_ids) + len(chunk)} tokens need {format_bytes(need)} and policy "
-                    f"{self.policy.name!r} cannot free room; raise --mem-cap or choose a compacting policy"
-                )
+                    f"the memory cap ({format_bytes(self.cap_bytes)}, a cache of {self.cache.max_slots} slots) is too "
+                    f"small for the input: {len(self.token_ids) + len(chunk)} tokens and policy {self.policy.name!r} "
+                    "cannot free room; raise --mem-cap" + ("" if self.policy.name != "none" else
+                                                           " or choose a compacting policy"))
             self._forward(chunk, recorder, on_logits)
         yield PrefillEvent(t=self._now(), tokens=len(ids), seconds=time.perf_counter() - start,
                            logical_len=self.cache.logical_len, physical_len=self.cache.physical_len,
@@ -102,7 +116,7 @@ class Session:
         settings = settings or GenerationSettings()
         if self.last_logits is None:
             raise AgentloopError("nothing to continue from: feed a prompt before generating")
-        generator = torch.Generator().manual_seed(settings.seed)
+        generator = torch.Generator(self.loaded.device).manual_seed(settings.seed)
         eos = set() if settings.ignore_eos else _eos_ids(self.model, self.tokenizer)
         detok = IncrementalDetokenizer(self.tokenizer)
         actions_before, start = self.policy_actions, time.perf_counter()
@@ -118,11 +132,11 @@ class Session:
                 message = (f"memory cap {format_bytes(self.cap_bytes)} reached after {step} new tokens; "
                            f"policy {self.policy.name!r} " + ("stops at the cap" if not error else "could not free room"))
                 break
-            self._forward([token])
+            self._decode_one(token)
             piece = detok.add(token)
             yield TokenEvent(t=self._now(), step=step, token_id=token, text=piece,
                              logical_len=self.cache.logical_len, physical_len=self.cache.physical_len,
-                             cache_bytes=self.cache.nbytes())
+                             cache_bytes=self.cache.held_bytes())
             if settings.stop and any(s in detok.text[-(len(s) + len(piece) + 8):] for s in settings.stop):
                 reason = "stop_string"
                 break
@@ -139,25 +153,24 @@ class Session:
 
     def _make_room(self, n_new: int):
         """Generator: pause and ask the policy until `n_new` tokens fit; returns whether they do."""
-        if self.cap_bytes is None:
+        if self.cache.max_slots is None:
             return True
+        slot_bytes = self.cache.held_bytes() // max(1, self.cache.physical_len)
         for _ in range(16):
-            projected = self.cache.bytes_after(n_new, self.element_size)
-            slots_fit = self.cap_slots is None or self.cache.physical_len + n_new <= self.cap_slots
-            if projected <= self.cap_bytes and slots_fit:
+            if self.cache.physical_len + n_new <= self.cache.max_slots:
                 return True
-            before_bytes, before_slots = self.cache.nbytes(), self.cache.physical_len
+            before_bytes, before_slots = self.cache.held_bytes(), self.cache.physical_len
             yield PauseEvent(t=self._now(), needed_tokens=n_new, cache_bytes=before_bytes,
-                             projected_bytes=projected, cap_bytes=self.cap_bytes)
+                             projected_bytes=before_bytes + n_new * slot_bytes, cap_bytes=self.cap_bytes)
             tic = time.perf_counter()
-            room = Room(cache=self.cache, cap_bytes=self.cap_bytes, cap_slots=self.cap_slots, needed_tokens=n_new,
+            room = Room(cache=self.cache, cap_bytes=self.cap_bytes, cap_slots=self.cache.max_slots, needed_tokens=n_new,
                         element_size=self.element_size, prompt_len=self.prompt_len, session=self)
             details = self.policy.make_room(room)
             if details is None:
                 return False
             self.policy_actions += 1
             yield PolicyEvent(t=self._now(), policy=self.policy.name, action=details.pop("action", "evict"),
-                              bytes_before=before_bytes, bytes_after=self.cache.nbytes(),
+                              bytes_before=before_bytes, bytes_after=self.cache.held_bytes(),
                               physical_before=before_slots, physical_after=self.cache.physical_len,
                               logical_len=self.cache.logical_len, seconds=time.perf_counter() - tic,
                               details=details)
@@ -165,16 +178,17 @@ class Session:
 
     def free_tokens(self) -> int | None:
         """How many more tokens fit under the cap before the memory policy must act (None: no cap)."""
-        if self.cap_bytes is None:
-            return None
-        most = self.cap_bytes // (2 * self.cache.kv_heads * self.cache.head_dim * self.element_size)  # one layer's slot
-        if self.cap_slots is not None:
-            most = min(most, self.cap_slots - self.cache.physical_len)
-        lo, hi = 0, max(0, most)  # bytes_after grows with n: the largest n that fits, by bisection
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if self.cache.bytes_after(mid, self.element_size) <= self.cap_bytes else (lo, mid - 1)
-        return lo
+        return self.cache.free_slots()
+
+    def set_slot_limit(self, slots: int | None) -> None:
+        """Hold the cache to fewer slots than the budget gives it (None: the budget's), e.g. to keep room for an
+        answer; the buffers stay as allocated."""
+        most = self.budget.cache_slots
+        if most is None:
+            raise AgentloopError("set_slot_limit needs a capped session")
+        if slots is not None and not 0 < slots <= most:
+            raise AgentloopError(f"slot limit {slots} must be in [1, {most}] (the budget's cache slots)")
+        self.cache.max_slots = most if slots is None else slots
 
     def fork(self) -> Session:
         """A new session over a copy of this cache and history (same model, cap and policy): try a branch."""
@@ -184,42 +198,65 @@ class Session:
         other.token_ids = list(self.token_ids)
         other.policy = copy.deepcopy(self.policy)  # policies may count their actions
         other.recent_recorder = copy.deepcopy(self.recent_recorder)
+        other._decoder = None  # a static step is bound to its cache's buffers
         return other
 
     def probe(self, ids: list[int], generate: int = 0, seed: int = 0,
-              temperature: float = PROBE_TEMPERATURE) -> dict[int, torch.Tensor]:
+              temperature: float = PROBE_TEMPERATURE, prefix: int = 0) -> dict[int, torch.Tensor]:
         """Run `ids` (then up to `generate` tokens, sampled at `temperature`, 0 = greedy, until the end of the
-        turn) on top of the cache, recording the queries of every compactable layer, then roll the cache back.
-        Returns {layer: [kv_heads, n, head_dim]}."""
-        recorder = QueryRecorder(self.cache.compactable, self.cache.kv_heads)
-        snapshot = self.cache.snapshot()
+        turn) on top of the cache, recording the queries of every compactable layer into a reservoir of
+        `query_rows` rows per KV head, then roll the cache back. Returns {layer: [kv_heads, n, head_dim]}.
+
+        The transient tokens live in the slots the budget keeps free for them. When `ids` (and the draft) do not
+        fit there, they are read in windows, each rolled back before the next: the first `prefix` ids (e.g. an
+        instruction) and then the next piece of the rest, at the positions a single read would give them, so the
+        pieces see the cache and the prefix but not each other (the draft follows the last window)."""
+        recorder = QueryRecorder(self.cache.compactable, self.cache.kv_heads, rows=self.query_rows, seed=seed)
         settings = GenerationSettings(temperature=temperature, top_p=0.9, seed=seed)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator(self.loaded.device).manual_seed(seed)
         eos = _eos_ids(self.model, self.tokenizer) if generate else set()
-        try:
-            chunk = max(self.prefill_chunk, PROBE_CHUNK)  # the probe is rolled back: chunk size only bounds memory
-            for i in range(0, len(ids), chunk):
-                logits = self._step(ids[i:i + chunk], recorder)
-            for _ in range(generate):
-                token = sample(logits, settings, generator, self.token_ids)
-                if token in eos:  # what follows the end of the turn is not an answer about the context
-                    break
-                logits = self._step([token], recorder)
-        finally:
-            self.cache.restore(snapshot)
+        room = self.cache.layers[self.cache.compactable[0]].capacity - self.cache.physical_len \
+            if self.cache.max_slots is not None else None
+        head, body = list(ids[:prefix]), list(ids[prefix:])
+        windows = [(0, body)]
+        if room is not None and len(ids) + generate > room:
+            size = room - prefix - generate
+            if size < 1:
+                raise AgentloopError(f"a probe of {prefix} + {generate} tokens does not fit the {room} free slots")
+            windows = [(lo, body[lo:lo + size]) for lo in range(0, len(body), size)]
+        first = self.cache.logical_len
+        for k, (offset, piece) in enumerate(windows):
+            snapshot = self.cache.snapshot()
+            try:
+                position, logits = first, None
+                for part, at in ((head, first), (piece, first + prefix + offset)):
+                    for i in range(0, len(part), self.prefill_chunk):
+                        chunk = part[i:i + self.prefill_chunk]
+                        logits = self._step(chunk, recorder, position=at + i)
+                        position = at + i + len(chunk)
+                for _ in range(generate if k == len(windows) - 1 else 0):
+                    token = sample(logits, settings, generator, self.token_ids)
+                    if token in eos:  # what follows the end of the turn is not an answer about the context
+                        break
+                    logits = self._step([token], recorder, position=position)
+                    position += 1
+            finally:
+                self.cache.restore(snapshot)
         return recorder.queries()
 
     @torch.inference_mode()
-    def _step(self, ids: list[int], recorder: QueryRecorder | None = None, every_position: bool = False) -> torch.Tensor:
-        """One forward of `ids` after the cache, at logical positions: fp32 logits of the last position [vocab],
-        or of every position [len(ids), vocab]."""
-        first = self.cache.logical_len
+    def _step(self, ids: list[int], recorder: QueryRecorder | None = None, every_position: bool = False,
+              position: int | None = None) -> torch.Tensor:
+        """One forward of `ids` after the cache, at logical positions (from `position`, default the logical length):
+        fp32 logits of the last position [vocab], or of every position [len(ids), vocab]."""
+        first = self.cache.logical_len if position is None else position
         device = self.loaded.device
         input_ids = torch.tensor([ids], device=device)
         positions = torch.arange(first, first + len(ids), device=device)[None]
-        out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=self.cache,
-                         use_cache=True, beta_cache=self.cache, query_recorder=recorder,
-                         logits_to_keep=0 if every_position else 1)
+        with sdpa_backends(device):
+            out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=self.cache,
+                             use_cache=True, beta_cache=self.cache, query_recorder=recorder,
+                             logits_to_keep=0 if every_position else 1)
         return out.logits[0].float() if every_position else out.logits[0, -1].float()
 
     def _forward(self, ids: list[int], recorder: QueryRecorder | None = None,
@@ -230,7 +267,27 @@ class Session:
             logits = logits[-1]
         self.last_logits = logits
         self.token_ids.extend(ids)
-        self.peak_bytes = max(self.peak_bytes, self.cache.nbytes())
+        self.peak_bytes = max(self.peak_bytes, self.cache.held_bytes())
+
+    def _decode_one(self, token: int) -> None:
+        """Append one decoded token: through the static step (a CUDA graph) when it applies, else a plain forward."""
+        if self._static_step():
+            self.last_logits = self._decoder.step(token)
+            self.token_ids.append(token)
+            self.peak_bytes = max(self.peak_bytes, self.cache.held_bytes())
+        else:
+            self._forward([token])
+
+    def _static_step(self) -> bool:
+        """Whether decoding goes through the static step (built on first use)."""
+        mode = self.decode
+        if mode == "auto":
+            mode = "graph" if self.loaded.device.type == "cuda" else "eager"
+        if mode == "eager" or not StaticDecoder.applies(self):
+            return False
+        if self._decoder is None:
+            self._decoder = StaticDecoder(self, graph=mode == "graph")
+        return True
 
 
 class _Tee:
@@ -252,10 +309,10 @@ class _Tee:
 def sample(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator,
            context: list[int] = ()) -> int:
     """Repetition penalty over the `context` tokens (CTRL-style: positive logits divided, negative multiplied),
-    then greedy when temperature is 0, else temperature, top-k and top-p sampling."""
-    scores = logits.float().cpu().clone()
+    then greedy when temperature is 0, else temperature, top-k and top-p sampling, on the generator's device."""
+    scores = logits.float().to(generator.device).clone()
     if settings.repetition_penalty != 1.0 and context:
-        seen = torch.tensor(sorted(set(context)))
+        seen = torch.tensor(sorted(set(context)), device=scores.device)
         penalized = scores[seen]
         scores[seen] = torch.where(penalized > 0, penalized / settings.repetition_penalty,
                                    penalized * settings.repetition_penalty)

@@ -55,6 +55,21 @@ ALIASES: dict[str, PackagedGGUF] = {
 }
 
 
+# Shape-only models: the real architecture and shapes with random weights, for benchmarks that need size, not
+# knowledge (memory, speed). Built on the target device in the target dtype; SmolLM2's tokenizer.
+RANDOM_SHAPES: dict[str, tuple[str, dict]] = {
+    "qwen3-4b": ("qwen3", dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                               num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                               rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)),
+    "llama-3.1-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                                   rope_theta=500_000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    # small shapes of the same kinds, for tests and quick checks
+    "tiny-qwen3": ("qwen3", dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                 num_attention_heads=8, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)),
+}
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
@@ -96,6 +111,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | None = None, device: str 
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if spec.startswith("random:"):
+        return _random_model(spec, torch_dtype, device)
     path = Path(spec).expanduser()
     if spec in ALIASES:
         directory, source = _converted_alias(spec), ALIASES[spec].source
@@ -121,6 +138,24 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | None = None, device: str 
         raise AgentloopError(f"cannot load model from {directory}: {_first_line(exc)}") from exc
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec, source=source)
+
+
+def _random_model(spec: str, dtype: torch.dtype, device: str) -> LoadedModel:
+    """`random:<shape>`: an untrained model of a real architecture's shapes (RANDOM_SHAPES), built on `device` in
+    `dtype` (weights drawn there, nothing downloaded), with the default model's tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    shape = spec.removeprefix("random:")
+    if shape not in RANDOM_SHAPES:
+        raise AgentloopError(f"unknown shape-only model {spec!r}: choose one of "
+                             f"{', '.join('random:' + name for name in RANDOM_SHAPES)}")
+    model_type, sizes = RANDOM_SHAPES[shape]
+    config = AutoConfig.for_model(model_type, **sizes)
+    tokenizer = AutoTokenizer.from_pretrained(_converted_alias(DEFAULT_MODEL), local_files_only=True)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=spec, source=f"random weights, {shape} shapes")
 
 
 def _first_line(exc: BaseException) -> str:

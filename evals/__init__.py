@@ -20,6 +20,8 @@ EVALS: dict[str, tuple[str, str]] = {
     "gsm8k": ("agentloop.evals.gsm8k", "GSM8K accuracy under a KV cap (online compaction) vs uncapped"),
     "ingestion": ("agentloop.evals.ingestion", "pass key in a long tool result compacted on ingestion vs whole vs truncated"),
     "ruler": ("agentloop.evals.ruler", "RULER needle and QA tasks after one-shot compaction, per method and ratio"),
+    "vs-reference": ("agentloop.evals.vs_reference", "AM solver vs the paper's reference code on identical tensors"),
+    "memory": ("agentloop.evals.memory", "peak memory above the weights vs the cap, per policy and cap (measured)"),
 }
 
 

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from agentloop.compaction.queries import RepeatMemory
 from agentloop.compaction.span import compact_span
 from agentloop.policies.base import MemoryPolicy, Room
@@ -30,6 +32,7 @@ class AttentionMatchingPolicy(MemoryPolicy):
     """Pause, compact the cache (all but `protect_recent` newest tokens) to `ratio` with AM, resume."""
 
     name = "am"
+    compacts_with_queries = True
     ratio: float = 0.5  # the compactable region keeps this fraction of its slots
     protect_recent: int = 20  # newest tokens kept verbatim
     pin_prompt: bool = False  # also keep the first prompt verbatim (e.g. a system prompt)
@@ -90,23 +93,27 @@ class AttentionMatchingPolicy(MemoryPolicy):
         # `start`; the protected tail is verbatim too, so the region ends `protect_recent` tokens before the end
         context_ids = session.token_ids[start:len(session.token_ids) - self.protect_recent]
         seed = self.seed + self.compactions
-        memo, tic = {}, time.perf_counter()
-        if "repeat" in self.queries and self.reread == "new":
-            memo["repeat"] = self.repeat_memory.queries(session, context_ids, seed)
+        memo, tic, failed = {}, time.perf_counter(), None
+        try:
+            if "repeat" in self.queries and self.reread == "new":
+                memo["repeat"] = self.repeat_memory.queries(session, context_ids, seed)
+        except (RuntimeError, torch.OutOfMemoryError) as exc:  # the re-read is rolled back: evict the region instead
+            failed = f"reading the queries failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
         probe_seconds = time.perf_counter() - tic
         task_ids = session.token_ids[:room.prompt_len] if self.prompt_share else None
         stats = compact_span(session, start, end, kept, method=self.method, sources=QUERY_SOURCES[self.queries],
-                             context_ids=context_ids, max_queries=self.max_queries, seed=seed, memo=memo,
-                             task_ids=task_ids, task_share=self.prompt_share)
+                             context_ids=context_ids, max_queries=min(self.max_queries, session.query_rows), seed=seed,
+                             memo=memo, task_ids=task_ids, task_share=self.prompt_share, fallback=failed)
         for stage in ("queries", "total"):  # the re-read ran before compact_span: count it where it belongs
             stats.seconds[stage] += probe_seconds
         self.compactions += 1
         return {"action": "compact", "compaction": self.compactions, "region": [start, end], "kept": stats.kept,
                 "logical_tokens": len(context_ids), "queries": stats.queries,
                 "kept_query_bytes": self.repeat_memory.nbytes(),
-                "output_error": round(float(stats.output_error.mean()), 5),
-                "mass_error": round(float(stats.mass_error.mean()), 5),
-                "stage_seconds": {k: round(v, 3) for k, v in stats.seconds.items()}}
+                "output_error": round(float(stats.output_error.nanmean()), 5),
+                "mass_error": round(float(stats.mass_error.nanmean()), 5),
+                "stage_seconds": {k: round(v, 3) for k, v in stats.seconds.items()},
+                **({"fallback": stats.fallback, "evicted_heads": stats.evicted_heads} if stats.fallback else {})}
 
 
 @dataclass

@@ -9,7 +9,6 @@ before the forward that would exceed it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,27 +20,22 @@ class Room:
     """What a policy needs to know when asked to free memory."""
 
     cache: CompactableCache
-    cap_bytes: int
-    cap_slots: int | None  # set when the cap was given in tokens: physical slots per full layer
+    cap_bytes: int  # the whole memory budget (agentloop.budget)
+    cap_slots: int  # the slots the budget gives each full-attention layer
     needed_tokens: int  # tokens the next forward appends
     element_size: int  # bytes per cached element
     prompt_len: int  # tokens of the first prompt fed to the session
     session: Any = None  # the live Session, for policies that run the model (attention matching)
 
-    def excess_bytes(self) -> int:
-        return self.cache.bytes_after(self.needed_tokens, self.element_size) - self.cap_bytes
-
     def slots_to_free(self) -> int:
         """Slots to drop from every full-attention layer so that the next forward fits."""
-        per_slot = self.cache.full_slot_bytes(self.element_size)
-        by_bytes = math.ceil(self.excess_bytes() / per_slot) if per_slot else 0
-        by_slots = self.cache.physical_len + self.needed_tokens - self.cap_slots if self.cap_slots is not None else 0
-        return max(0, by_bytes, by_slots)
+        return max(0, self.cache.physical_len + self.needed_tokens - self.cap_slots)
 
 
 @dataclass
 class MemoryPolicy:
     name: ClassVar[str] = "base"
+    compacts_with_queries: ClassVar[bool] = False  # needs the compaction reserve of the budget (agentloop.budget)
 
     def make_room(self, room: Room) -> dict[str, Any] | None:
         raise NotImplementedError

@@ -284,8 +284,8 @@ def test_pieces_fit_the_room_under_the_cap_so_ingestion_compacts_before_the_poli
 
 def test_ingestion_takes_only_the_verbatim_tail_when_the_policy_acted_during_prefill(tiny_chat, workspace):
     # the room under the cap is shorter than a piece may be (2 x (keep_first + keep_last + 2) = 408), so the
-    # ~800-token result is fed whole, in prefill chunks of 512: the `am` policy compacts the cache before each
-    # chunk, so only the second chunk is still verbatim when the result is in
+    # ~800-token result is fed whole, in prefill chunks (at most half the cache each): the `am` policy compacts the
+    # cache before each chunk, so only the last chunk is still verbatim when the result is in
     ingest = {"trigger_tokens": 300, "ratio": 0.25, "keep_first": 100, "keep_last": 100, "max_queries": 256}
     uncapped = make_agent(tiny_chat, workspace, call("read_file", path="short.txt"), "ok", memory={"ingest": ingest})
     before = _ingest_events(uncapped)[1][0].span[0] - 100  # tokens in the cache before the result
@@ -296,7 +296,8 @@ def test_ingestion_takes_only_the_verbatim_tail_when_the_policy_acted_during_pre
     assert events[-1].reason == "final_answer" and agent.memory.policy_actions >= 2
     event = ingested[0]
     assert event.skipped is None and (event.piece_start, event.piece_end) == (0, event.tokens)
-    assert event.slots_before == event.tokens - 512
+    chunk = min(agent.session.prefill_chunk, agent.session.cache.max_slots // 2)
+    assert event.slots_before == event.tokens - chunk * ((event.tokens - 1) // chunk) < event.tokens
     assert agent.memory.peak_bytes <= agent.memory.cap_bytes
 
 

@@ -162,7 +162,7 @@ def test_layers_are_stored_at_their_largest_head_budget(tiny_llama, chunk):
             assert torch.all(layer.keys[0, h, START + b:START + length] == 0)
             assert torch.all(layer.values[0, h, START + b:START + length] == 0)
         expected_bytes += layer.physical_len * cache.kv_heads * (2 * cache.head_dim + 1) * element
-    assert stats.bytes_after == cache.nbytes() == expected_bytes
+    assert stats.bytes_after == cache.held_bytes() == expected_bytes
 
 
 def test_real_slots_equal_each_head_compacted_alone(tiny_llama):
@@ -202,8 +202,8 @@ def test_padding_slots_get_no_attention_while_decoding(tiny_llama):
     for i in garbage.cache.compactable:
         layer = garbage.cache.layers[i]
         padding = (layer.beta == -math.inf)[..., None]  # [1, kv_heads, physical_len, 1]
-        layer.keys = torch.where(padding, 10 * torch.randn(layer.keys.shape, generator=generator), layer.keys)
-        layer.values = torch.where(padding, 10 * torch.randn(layer.values.shape, generator=generator), layer.values)
+        layer.keys.copy_(torch.where(padding, 10 * torch.randn(layer.keys.shape, generator=generator), layer.keys))
+        layer.values.copy_(torch.where(padding, 10 * torch.randn(layer.values.shape, generator=generator), layer.values))
     assert any(bool((layer.beta == -math.inf).any()) for layer in garbage.cache.layers)
     more = _prompt(6, seed=7)
     for session in (padded, garbage):
@@ -212,7 +212,7 @@ def test_padding_slots_get_no_attention_while_decoding(tiny_llama):
     assert torch.allclose(_continue(padded, 8), _continue(garbage, 8), atol=1e-5)
     for i in garbage.cache.compactable:  # control: the same garbage with β = 0 is attended to
         layer = garbage.cache.layers[i]
-        layer.beta = layer.beta.nan_to_num(neginf=0.0)
+        layer.beta.copy_(layer.beta.nan_to_num(neginf=0.0))
     list(garbage.feed(more)), list(padded.feed(more))
     assert (padded.last_logits - garbage.last_logits).abs().max() > 1e-2
 

@@ -146,15 +146,29 @@ def test_sliding_layers_are_never_compacted(tiny_gemma3):
         session.cache.keep(sliding[0], torch.arange(4))
 
 
-def test_nbytes_counts_every_tensor(tiny_llama):
-    session = _fed(tiny_llama, _prompt(20))
+def test_nbytes_counts_every_allocated_tensor(tiny_llama):
+    session = Session(tiny_llama, cap="64tok")
+    list(session.feed(_prompt(20)))
     layers = session.cache.layers
-    expected = sum(layer.keys.numel() * 4 + layer.values.numel() * 4 for layer in layers)
-    assert session.cache.nbytes() == expected
-    keys, values = layers[0].keys[..., :4, :], layers[0].values[..., :4, :]
+    allocated = sum(t.numel() * t.element_size() for layer in layers
+                    for t in (layer.key_buffer, layer.value_buffer, layer.beta_buffer))
+    assert session.cache.nbytes() == allocated
+    capacity = session.budget.cache_slots + session.budget.probe_slots
+    assert all(layer.capacity == capacity for layer in layers)  # sized once, by the budget
+    slot = 3 * 2 * (2 * 16 + 1) * 4  # layers x kv_heads x (K, V, β) x fp32
+    assert session.cache.held_bytes() == 20 * slot
+    keys, values = layers[0].keys[..., :4, :].clone(), layers[0].values[..., :4, :].clone()
     session.cache.replace(0, 0, 8, keys, values, beta=torch.zeros(keys.shape[:-1]))
-    assert session.cache.nbytes() == expected - 4 * 2 * 2 * 16 * 4 + 2 * 16 * 4  # 4 slots gone, β for 16 slots
-    assert session.cache.bytes_after(3, 4) == session.cache.nbytes() + 3 * session.cache.full_slot_bytes(4)
+    assert layers[0].physical_len == 16 and session.cache.held_bytes() == 16 * slot // 3 + 2 * 20 * slot // 3
+    assert session.cache.nbytes() == allocated  # compaction frees slots, not buffers
+
+
+def test_uncapped_buffers_grow_geometrically(tiny_llama):
+    session = _fed(tiny_llama, _prompt(200))
+    assert session.cache.layers[0].capacity == 256
+    list(session.feed(_prompt(100, seed=2)))
+    assert session.cache.layers[0].capacity == 512 and session.cache.physical_len == 300
+    assert session.cache.nbytes() == 3 * 512 * 2 * (2 * 16 + 1) * 4
 
 
 @pytest.mark.parametrize("policy", ["truncate", "streaming"])
@@ -164,8 +178,9 @@ def test_physical_bytes_never_exceed_the_cap_over_1000_tokens(tiny_llama, policy
     list(session.feed(prompt))
     cap, steps, actions = session.cap_bytes, 0, 0
     for event in session.generate(GenerationSettings(max_new_tokens=1000, temperature=1.0, seed=3, ignore_eos=True)):
-        held = session.cache.nbytes()
-        assert held <= cap, f"{held} bytes held over a cap of {cap}"
+        held = session.cache.held_bytes()
+        assert session.cache.nbytes() <= session.budget.cache_bytes <= cap
+        assert held <= session.budget.cache_bytes, f"{held} bytes held over a cache budget of {session.budget.cache_bytes}"
         if event.kind == "token":
             steps += 1
             assert event.cache_bytes == held

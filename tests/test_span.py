@@ -25,10 +25,10 @@ def test_full_size_compaction_keeps_the_logits(tiny_llama):
 @pytest.mark.parametrize("method", ["am-hak-fast", "h2o", "streaming", "random"])
 def test_halving_shrinks_slots_and_bytes(tiny_llama, method):
     session = _session(tiny_llama)
-    before = session.cache.nbytes()
+    before = session.cache.held_bytes()
     stats = compact_span(session, 4, 44, 0.5, method=method)
     assert session.cache.physical_len == 4 + 20 + 4 and session.cache.logical_len == 48
-    assert stats.bytes_after < before and stats.bytes_after == session.cache.nbytes()
+    assert stats.bytes_after < before and stats.bytes_after == session.cache.held_bytes()
     beta = torch.cat([session.cache.beta(i)[0, :, 4:24] for i in session.cache.compactable])
     if method.startswith("am-"):
         assert beta.min() >= -3 - 1e-4 and beta.max() <= 3 + 1e-4
@@ -107,9 +107,19 @@ def test_task_draft_is_greedy_and_ends_with_the_turn(tiny_llama):
     greedy = [e.token_id for e in fork.generate(GenerationSettings(max_new_tokens=4, ignore_eos=True))
               if e.kind == "token"]
     drafted = session.probe(question, generate=4, temperature=0.0)[0]
-    torch.testing.assert_close(drafted, session.probe(question + greedy)[0])
+    _assert_same_rows(drafted, session.probe(question + greedy)[0])
 
     stop = next(t for t in greedy[1:] if t not in greedy[:1])  # an end-of-turn token the draft reaches
     tiny_llama.model.generation_config.eos_token_id = stop
     stopped = session.probe(question, generate=4, temperature=0.0)[0]
-    torch.testing.assert_close(stopped, session.probe(question + greedy[:greedy.index(stop)])[0])
+    _assert_same_rows(stopped, session.probe(question + greedy[:greedy.index(stop)])[0])
+
+
+def _assert_same_rows(a: torch.Tensor, b: torch.Tensor) -> None:
+    """The same query rows per KV head [kv_heads, n, d], in any order (a reservoir keeps rows in arrival order,
+    which depends on how the tokens were chunked)."""
+    def canonical(q):
+        order = q[..., 0].argsort(dim=-1)
+        return q.gather(1, order[..., None].expand_as(q))
+    assert a.shape == b.shape
+    torch.testing.assert_close(canonical(a), canonical(b), atol=1e-5, rtol=1e-5)

@@ -25,14 +25,26 @@ SELF_STUDY_PROMPTS = (
 
 
 class QueryRecorder:
-    """Collects each layer's post-RoPE queries [batch, q_heads, q_len, d] as [kv_heads, groups * q_len, d].
+    """Collects each layer's post-RoPE queries [batch, q_heads, q_len, d] as rows of its KV heads, in fixed memory.
 
-    `window` keeps only the newest tokens' queries (a ring for decode-time recording)."""
+    A KV head's rows are the queries of the query heads that share it, one row per (query head, token). Two stores,
+    allocated at the first record on the queries' device, in 16 bits (the queries' dtype if it is a 16-bit one, else
+    float16), and never grown:
+      reservoir - at most `rows` rows per (layer, KV head): a uniform random sample of all rows seen (reservoir
+                  sampling; the same rows in every layer); while fewer have been seen, all of them, in order;
+      window    - the rows of the newest `window` tokens (a ring).
+    """
 
-    def __init__(self, layers: list[int], kv_heads: int, window: int | None = None):
-        self.layers, self.kv_heads, self.window = set(layers), kv_heads, window
-        self._chunks: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
-        self._tokens: dict[int, int] = {i: 0 for i in layers}
+    def __init__(self, layers: list[int], kv_heads: int, rows: int | None = None, window: int | None = None,
+                 seed: int = 0):
+        self.layers, self.kv_heads, self.rows, self.window = set(layers), kv_heads, rows, window
+        self.generator = torch.Generator().manual_seed(seed)
+        self._reservoir: dict[int, torch.Tensor] = {}  # layer -> [kv_heads, rows, d]
+        self._ring: dict[int, torch.Tensor] = {}  # layer -> [kv_heads, groups, window, d]
+        self._seen: dict[int, int] = dict.fromkeys(layers, 0)  # rows offered to the reservoir
+        self._tokens: dict[int, int] = dict.fromkeys(layers, 0)  # tokens recorded
+        self._choice: tuple[int, int, torch.Tensor, torch.Tensor] | None = None  # (seen, n, source rows, slots)
+        self.static_slot: torch.Tensor | None = None  # [1] on the device: the ring slot the static decode step writes
 
     def record(self, layer_idx: int, query: torch.Tensor) -> None:
         if layer_idx not in self.layers:
@@ -40,32 +52,77 @@ class QueryRecorder:
         _, q_heads, q_len, dim = query.shape
         groups = q_heads // self.kv_heads
         # [1, q_heads, q_len, d] -> [kv_heads, groups, q_len, d]: the query heads that share a KV head
-        pooled = query[0].detach().reshape(self.kv_heads, groups, q_len, dim).float()
-        self._chunks[layer_idx].append(pooled)
+        pooled = query[0].detach().reshape(self.kv_heads, groups, q_len, dim)
+        if pooled.element_size() > 2:
+            pooled = pooled.to(torch.float16)
+        if self.static_slot is not None:  # one token, at a slot set on the device; `advance` counts it
+            self._ring[layer_idx].index_copy_(2, self.static_slot, pooled)
+            return
+        if self.rows:
+            self._offer(layer_idx, pooled.reshape(self.kv_heads, groups * q_len, dim))
+        if self.window:
+            self._remember(layer_idx, pooled)
         self._tokens[layer_idx] += q_len
-        if self.window is not None and self._tokens[layer_idx] > 2 * self.window:
-            self._chunks[layer_idx] = [self._stacked(layer_idx)[:, :, -self.window:]]
-            self._tokens[layer_idx] = self.window
 
-    def _stacked(self, layer_idx: int) -> torch.Tensor:
-        return torch.cat(self._chunks[layer_idx], dim=2)  # [kv_heads, groups, tokens, d]
+    def _offer(self, layer_idx: int, rows: torch.Tensor) -> None:
+        """Reservoir sampling of `rows` [kv_heads, n, d]; the slot choice is drawn once per offer and reused by
+        every layer (they are offered the same number of rows in the same order)."""
+        store = self._reservoir.get(layer_idx)
+        if store is None:
+            store = self._reservoir[layer_idx] = rows.new_empty(self.kv_heads, self.rows, rows.shape[-1])
+        seen, n = self._seen[layer_idx], rows.shape[1]
+        if self._choice is None or self._choice[:2] != (seen, n):
+            index = torch.arange(seen, seen + n)
+            draw = (torch.rand(n, generator=self.generator, dtype=torch.float64) * (index + 1)).long()
+            slots = torch.where(index < self.rows, index, draw)  # the first `rows` rows fill the reservoir in order
+            taken = slots < self.rows
+            source, slots = torch.arange(n)[taken], slots[taken]
+            last = {int(s): int(i) for i, s in zip(source, slots, strict=True)}  # a slot drawn twice keeps the later
+            source, slots = torch.tensor(list(last.values()), dtype=torch.long), torch.tensor(list(last), dtype=torch.long)
+            self._choice = (seen, n, source, slots)
+        _, _, source, slots = self._choice
+        if len(slots):
+            store.index_copy_(1, slots.to(store.device), rows.index_select(1, source.to(rows.device)))
+        self._seen[layer_idx] = seen + n
+
+    def _remember(self, layer_idx: int, pooled: torch.Tensor) -> None:
+        """The newest `window` tokens' rows, in a ring indexed by token count."""
+        heads, groups, q_len, dim = pooled.shape
+        ring = self._ring.get(layer_idx)
+        if ring is None:
+            ring = self._ring[layer_idx] = pooled.new_empty(heads, groups, self.window, dim)
+        keep = min(q_len, self.window)
+        position = (torch.arange(self._tokens[layer_idx] + q_len - keep, self._tokens[layer_idx] + q_len) % self.window)
+        ring.index_copy_(2, position.to(ring.device), pooled[:, :, q_len - keep:])
+
+    def advance(self, tokens: int) -> None:
+        """Count tokens the static decode step wrote into the window."""
+        for layer_idx in self._tokens:
+            self._tokens[layer_idx] += tokens
 
     @property
     def tokens(self) -> int:
         return min(self._tokens.values(), default=0)
 
     def queries(self, last: int | None = None) -> dict[int, torch.Tensor]:
-        """{layer: [kv_heads, groups * tokens, d]} of the newest `last` (or `window`) tokens."""
-        last = last or self.window
+        """{layer: [kv_heads, n, d]}: the reservoir's rows, or with `last` (or without a reservoir) the rows of the
+        newest `last` (at most `window`) tokens."""
         out = {}
-        for layer_idx in self.layers:
-            if not self._chunks[layer_idx]:
+        for layer_idx in sorted(self.layers):
+            tokens = self._tokens[layer_idx]
+            if not tokens:
                 continue
-            q = self._stacked(layer_idx)
-            if last is not None:
-                q = q[:, :, -last:]
-            out[layer_idx] = q.reshape(self.kv_heads, -1, q.shape[-1])
+            if self.rows and last is None:
+                out[layer_idx] = self._reservoir[layer_idx][:, :min(self._seen[layer_idx], self.rows)]
+                continue
+            ring = self._ring[layer_idx]
+            n = min(tokens, self.window, last or self.window)
+            order = torch.arange(tokens - n, tokens) % self.window  # oldest first
+            out[layer_idx] = ring.index_select(2, order.to(ring.device)).reshape(self.kv_heads, -1, ring.shape[-1])
         return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self._reservoir.values(), *self._ring.values()])
 
 
 def subsample(queries: dict[int, torch.Tensor], max_per_head: int | None, seed: int) -> dict[int, torch.Tensor]:
@@ -119,9 +176,10 @@ def with_share(queries: dict[int, torch.Tensor], extra: dict[int, torch.Tensor],
 
 
 def repeat_queries(session, context_ids: list[int]) -> dict[int, torch.Tensor]:
-    """Repeat-prefill: '<instruction>' as a user turn, then the context as the assistant's answer."""
-    ids = _repeat_prompt_ids(session.tokenizer, context_ids)
-    return session.probe(ids)
+    """Repeat-prefill: '<instruction>' as a user turn, then the context as the assistant's answer (read in windows
+    after the instruction when it is longer than the probe slots the budget keeps, see Session.probe)."""
+    instruction = _repeat_instruction_ids(session.tokenizer)
+    return session.probe(instruction + list(context_ids), prefix=len(instruction))
 
 
 class RepeatMemory:
@@ -147,10 +205,10 @@ class RepeatMemory:
         fresh = rotate(repeat_queries(session, context_ids[known:]), known, inv_freq)
         parts = [(fresh, max(1, len(context_ids) - known))]
         if known:
-            kept = {i: q.float() for i, q in self.rows.items()}
-            parts.append((rotate(kept, now - self.at_len, inv_freq), known))
-        mixed = combine(parts, self.max_rows, seed)
-        self.rows = {i: q.to(torch.float16) for i, q in mixed.items()}  # kept between compactions: half the bytes
+            parts.append((rotate(self.rows, now - self.at_len, inv_freq), known))
+        most = min(self.max_rows, session.query_rows) if self.max_rows else session.query_rows
+        mixed = combine(parts, most, seed)
+        self.rows = {i: q.to(torch.float16) for i, q in mixed.items()}  # kept between compactions, 16-bit
         self.ids, self.at_len = list(context_ids), now
         return mixed
 
@@ -173,10 +231,11 @@ def rotate(queries: dict[int, torch.Tensor], shift: int, inv_freq: torch.Tensor 
     out = {}
     for layer_idx, q in queries.items():
         angle = shift * inv_freq.to(q.device, torch.float64)
-        cos, sin = (torch.cat([f(angle), f(angle)]).to(q.dtype) for f in (torch.cos, torch.sin))  # [d]
+        cos, sin = (torch.cat([f(angle), f(angle)]).float() for f in (torch.cos, torch.sin))  # [d]
         half = q.shape[-1] // 2
-        rotated_half = torch.cat([-q[..., half:], q[..., :half]], dim=-1)
-        out[layer_idx] = q * cos + rotated_half * sin
+        q32 = q.float()
+        rotated_half = torch.cat([-q32[..., half:], q32[..., :half]], dim=-1)
+        out[layer_idx] = (q32 * cos + rotated_half * sin).to(q.dtype)
     return out
 
 
@@ -202,7 +261,7 @@ def turn_ids(tokenizer, text: str) -> list[int]:
     return [int(i) for i in tokenizer(suffix, add_special_tokens=False)["input_ids"]]
 
 
-def _repeat_prompt_ids(tokenizer, context_ids: list[int]) -> list[int]:
+def _repeat_instruction_ids(tokenizer) -> list[int]:
     if tokenizer is None:  # bare models (tests): the context twice is the closest analogue
-        return list(context_ids)
-    return turn_ids(tokenizer, REPEAT_INSTRUCTION) + list(context_ids)
+        return []
+    return turn_ids(tokenizer, REPEAT_INSTRUCTION)

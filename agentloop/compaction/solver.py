@@ -14,8 +14,9 @@ real and the rest padding (key 0, value 0, β = −inf). Padding slots enter the
 normal equations stay block-diagonal between real and padding slots, the Cholesky jitter keeps the padding
 block positive definite, and its zero right-hand side solves to weight 0, so the real slots are fitted exactly
 as if the head had been compacted alone to its budget.
-Big [H, n, T] tensors are float32; the small t×t normal equations are solved in float64 by Cholesky,
-which keeps float32 data exact enough and tolerates duplicate keys. The per-stage functions process all
+Big [H, n, T] tensors are float32; the t×t normal equations are formed and solved in float32 by Cholesky, and the
+heads whose factorization fails or whose system is too ill-conditioned for float32 are solved again in float64 (which
+tolerates duplicate keys). The per-stage functions process all
 heads they are given at once; `compact` and `evaluate` split the heads into memory-bounded chunks.
 
 Deviation from the paper's recipe (on by default, `active_set_iters=0` turns it off): after lstsq + clamp,
@@ -33,8 +34,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-CHUNK_BYTES = 1 << 30  # budget for one [heads, n, T] float32 tensor inside compact/evaluate
-JITTER = 1e-12  # Cholesky jitter, relative to the mean diagonal of the Gram matrix; grows ×1e4 on failure
+CHUNK_BYTES = 1 << 30  # budget for one [heads, n, T] float32 tensor inside compact/evaluate on a GPU
+CPU_CHUNK_BYTES = 16 << 20  # on a CPU: heads in chunks whose [heads, n, T] tensors stay near the last-level cache
+JITTER = 1e-12  # float64 Cholesky jitter, relative to the mean diagonal of the Gram matrix; grows ×1e4 on failure
+JITTER32 = 1e-8  # float32 Cholesky jitter (relative): makes padding columns definite, moves no fit
+COND_TOL = 1e-4  # a float32 solve whose condition estimate x float32 eps exceeds this is redone in float64
 MIN_WEIGHT = 1e-12  # lower bound on w = exp(β) when no lower β bound is given ("key off", β ≈ −27.6)
 ACTIVE_SET_ITERS = 100  # cap on active-set steps after lstsq + clamp in every full β fit (0: as in the paper)
 SINKS = 4  # leading slots kept by the streaming baseline
@@ -76,29 +80,51 @@ def _rows(K: Tensor, idx: Tensor) -> Tensor:
 
 
 def _unbiasing(K: Tensor, bias: Tensor | None) -> Tensor:
-    """exp(−bias) per key, 0 for padding keys (bias −inf): [H, T] float64. A column of E times this factor is
+    """exp(−bias) per key, 0 for padding keys (bias −inf): [H, T] float32. A column of E times this factor is
     the column of the bare key, since the fitted β is the key's whole logit bias, not an increment."""
     if bias is None:
-        return torch.ones(K.shape[:2], dtype=torch.float64, device=K.device)
-    return torch.where(bias > -math.inf, (-bias.double()).exp(), 0.0)
+        return torch.ones(K.shape[:2], device=K.device)
+    return torch.where(bias > -math.inf, (-bias.float()).exp(), 0.0)
 
 
 def _design(E: Tensor, idx: Tensor, unbiasing: Tensor) -> Tensor:
-    """Mass design matrix of the bare keys idx: E[h, :, idx[h]] · exp(−bias), [H, n, t] float64."""
-    return _columns(E, idx).double() * unbiasing.gather(1, idx)[:, None, :]
+    """Mass design matrix of the bare keys idx: E[h, :, idx[h]] · exp(−bias), [H, n, t] float32."""
+    return _columns(E, idx) * unbiasing.gather(1, idx)[:, None, :]
 
 
 # ----------------------------------------------------------------------------------------------------
-# least-squares cores (normal equations formed in float32, solved in float64, [H, k, k])
+# least-squares cores: normal equations [H, k, k] formed and solved in float32; heads whose factorization fails or
+# whose system is ill-conditioned are solved again in float64
 
 def _normal_equations(M: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
-    """MᵀM [H, k, k] and MᵀY [H, k, m] for float32 M [H, n, k], Y [H, n, m]: the products run in float32
-    (~2x faster than float64 on CPU; the n-long sums lose ~n·1e-7 relative), the results are float64 for the solve."""
-    return (M.mT @ M).double(), (M.mT @ Y.float()).double()
+    """MᵀM [H, k, k] and MᵀY [H, k, m] for M [H, n, k], Y [H, n, m], in float32."""
+    return M.mT @ M, M.mT @ Y.float()
 
 
 def _solve_spd(gram: Tensor, rhs: Tensor, ridge: float = 0.0) -> Tensor:
-    """Solve (gram + ridge·I) x = rhs per head ([H, k, k], [H, k, m]); jitter grows where Cholesky fails."""
+    """Solve (gram + ridge·I) x = rhs per head ([H, k, k], [H, k, m]); the result has the dtype of `gram`.
+
+    In float32: Cholesky with a jitter at float32 round-off (it only makes all-zero padding columns definite); a head
+    is solved again in float64 when its factorization fails or its system is too ill-conditioned for float32 to keep
+    ~1e-4 relative accuracy (condition estimated from the factor's diagonal over its non-padding columns)."""
+    if gram.dtype == torch.float64:
+        return _solve_spd64(gram, rhs, ridge)
+    diag = gram.diagonal(dim1=1, dim2=2)  # [H, k]
+    real = diag > 0
+    mean_diag = (diag * real).sum(1) / real.sum(1).clamp_min(1)
+    jitter = JITTER32 * mean_diag.clamp_min(torch.finfo(gram.dtype).tiny) + ridge  # [H]
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    chol, info = torch.linalg.cholesky_ex(gram + jitter[:, None, None] * eye)
+    pivots = chol.diagonal(dim1=1, dim2=2)
+    spread = pivots.where(real, 0.0).amax(1) / pivots.where(real, math.inf).amin(1)  # sqrt of the condition estimate
+    bad = (info > 0) | ~(spread.square() * torch.finfo(gram.dtype).eps <= COND_TOL)
+    x = torch.cholesky_solve(rhs, chol)
+    if bad.any():
+        x[bad] = _solve_spd64(gram[bad].double(), rhs[bad].double(), ridge).to(x.dtype)
+    return x
+
+
+def _solve_spd64(gram: Tensor, rhs: Tensor, ridge: float) -> Tensor:
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     jitter = JITTER * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(torch.finfo(gram.dtype).tiny) + ridge  # [H]
     for _ in range(3):
@@ -155,7 +181,7 @@ def _active_set(gram: Tensor, rhs: Tensor, w: Tensor, w_lo: float, w_hi: float, 
 def _bounded_solve(gram: Tensor, rhs: Tensor, w_lo: float, w_hi: float, pgd_iters: int = 0,
                    active_set_iters: int = 0) -> Tensor:
     """min ||Mw − y||² s.t. w_lo ≤ w ≤ w_hi from gram = MᵀM [H, k, k], rhs = Mᵀy [H, k]: unconstrained solve,
-    clamp, active-set refinement, then projected-gradient steps of size 1/σ_max². Returns w [H, k], float64."""
+    clamp, active-set refinement, then projected-gradient steps of size 1/σ_max². Returns w [H, k] in gram's dtype."""
     w = _solve_spd(gram, rhs[..., None])[..., 0].clamp(w_lo, w_hi)
     w = _active_set(gram, rhs, w, w_lo, w_hi, active_set_iters)
     if pgd_iters:
@@ -175,9 +201,9 @@ def _fit_weights(E: Tensor, mass: Tensor, idx: Tensor, slot_unbiasing: Tensor, w
                  pgd_iters: int, active_set_iters: int) -> Tensor:
     """Bounded LS weights of the keys idx against the mass [H, n] of all keys (E [H, n, T]): w [H, t].
     `slot_unbiasing` [H, t] is exp(−bias) of each slot's key, 0 for padding (a zero design column)."""
-    M = _columns(E, idx) * slot_unbiasing.float()[:, None, :]  # bare-key design [H, n, t], float32
+    M = _columns(E, idx) * slot_unbiasing[:, None, :]  # bare-key design [H, n, t]
     gram, rhs = _normal_equations(M, mass[..., None])  # [H, t, t], [H, t, 1]
-    return _bounded_solve(gram, rhs[..., 0], w_lo, w_hi, pgd_iters, active_set_iters).float()
+    return _bounded_solve(gram, rhs[..., 0], w_lo, w_hi, pgd_iters, active_set_iters)
 
 
 def _to_beta(w: Tensor, slot_unbiasing: Tensor) -> Tensor:
@@ -186,29 +212,35 @@ def _to_beta(w: Tensor, slot_unbiasing: Tensor) -> Tensor:
 
 
 def _fit_values(Q: Tensor, keys: Tensor, beta: Tensor, scale: float, target: Tensor, ridge: float,
-                row_weight: Tensor | None = None) -> Tensor:
-    """Cv = argmin Σ_q row_weight_q ||X_q Cv − target_q||² + ridge·||Cv||², X = softmax(scale·Q keysᵀ + β): [H, t, dv]."""
-    X = torch.softmax(attention_logits(Q, keys, scale, beta), -1)  # [H, n, t]
-    if row_weight is not None:
-        root = row_weight.sqrt()[..., None]  # [H, n, 1]
-        X, target = X * root, target * root
-    gram, rhs = _normal_equations(X, target)
-    return _solve_spd(gram, rhs, ridge).float()
+                row_weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Cv = argmin Σ_q row_weight_q ||X_q Cv − target_q||² + ridge·||Cv||², X = softmax(scale·Q keysᵀ + β).
+    Returns (Cv [H, t, dv], X [H, n, t], log-sum-exp of the compact logits [H, n]): X and the lse give the compact
+    block's attention on the fitting queries without computing it again."""
+    X = attention_logits(Q, keys, scale, beta)  # [H, n, t]
+    lse = X.logsumexp(-1)
+    X.sub_(lse[..., None]).exp_()
+    weighted, target = (X * row_weight.sqrt()[..., None], target * row_weight.sqrt()[..., None]) if row_weight is not None \
+        else (X, target)
+    gram, rhs = _normal_equations(weighted, target)
+    return _solve_spd(gram, rhs, ridge), X, lse
 
 
 # ----------------------------------------------------------------------------------------------------
 # key selection
 
-def _attention_scores(E: Tensor, mass: Tensor, score: str) -> Tensor:
-    """Per-key score over queries of the softmax weights A = E / mass: [H, T]."""
-    A = E / mass[..., None]  # [H, n, T]
-    if score == "rms":
-        return A.square_().mean(1).sqrt_()
+def _attention_scores(E: Tensor, mass: Tensor, score: str, rows: int = 256) -> Tensor:
+    """Per-key score over queries of the softmax weights A = E / mass: [H, T]. A is formed `rows` queries at a time."""
+    if score not in ("rms", "mean", "max"):
+        raise ValueError(f"unknown score {score!r} (rms, mean, max)")
+    inverse = mass.reciprocal()  # [H, n]
     if score == "mean":
-        return A.mean(1)
-    if score == "max":
-        return A.amax(1)
-    raise ValueError(f"unknown score {score!r} (rms, mean, max)")
+        return torch.bmm(inverse[:, None, :], E)[:, 0] / E.shape[1]
+    total = None
+    for lo in range(0, E.shape[1], rows):
+        A = E[:, lo:lo + rows] * inverse[:, lo:lo + rows, None]  # [H, rows, T]
+        part = A.square_().sum(1) if score == "rms" else A.amax(1)
+        total = part if total is None else (total.add_(part) if score == "rms" else torch.maximum(total, part))
+    return total.div_(E.shape[1]).sqrt_() if score == "rms" else total
 
 
 def _top_keys(scores: Tensor, t: int) -> Tensor:
@@ -231,27 +263,27 @@ class _MassPursuit:
     Candidates are ranked by their raw correlation Eᵀ(y − Mw) (E holds each key's current, biased mass).
     Each head owns t slots, of which the first budgets[h] are real; a real slot holds one key as its bare-key
     design column, or is vacant (zero column, w = 0); padding slots stay empty (zero column, w = 0) for good.
-    The normal equations G = MᵀM, b = Mᵀy (float64) are updated slot by slot: a refit costs O(t³).
+    The normal equations G = MᵀM, b = Mᵀy (float32) are updated slot by slot: a refit costs O(t³).
     """
 
     def __init__(self, E: Tensor, mass: Tensor, budgets: Tensor, t: int, unbiasing: Tensor):
         heads, n, T = E.shape
-        self.E, self.mass, self.unbiasing = E, mass.double(), unbiasing  # [H, n, T], [H, n], [H, T]
+        self.E, self.mass, self.unbiasing = E, mass, unbiasing  # [H, n, T], [H, n], [H, T]
         on = dict(device=E.device)
         self.idx = torch.zeros(heads, t, dtype=torch.long, **on)
         self.real = _real_slots(budgets, t)  # [H, t]
         self.vacant = self.real.clone()
         self.in_slot = torch.zeros(heads, T, dtype=torch.bool, **on)
         self.demoted = unbiasing == 0  # padding and dropped keys: picked only when nothing else is left
-        self.M = torch.zeros(heads, n, t, dtype=torch.float64, **on)
-        self.G = torch.zeros(heads, t, t, dtype=torch.float64, **on)
-        self.b = torch.zeros(heads, t, dtype=torch.float64, **on)
-        self.w = torch.zeros(heads, t, dtype=torch.float64, **on)
+        self.M = torch.zeros(heads, n, t, **on)
+        self.G = torch.zeros(heads, t, t, **on)
+        self.b = torch.zeros(heads, t, **on)
+        self.w = torch.zeros(heads, t, **on)
 
     def correlations(self) -> Tensor:
         """Eᵀ(y − Mw) per candidate key, lowest for demoted keys, −inf for keys already in a slot: [H, T]."""
         residual = self.mass - (self.M @ self.w[..., None])[..., 0]  # [H, n]
-        corr = torch.bmm(residual.float()[:, None, :], self.E)[:, 0]
+        corr = torch.bmm(residual[:, None, :], self.E)[:, 0]
         corr = corr.masked_fill(self.demoted, torch.finfo(corr.dtype).min)
         return corr.masked_fill(self.in_slot, -math.inf)
 
@@ -362,7 +394,7 @@ def fit_values(Q: Tensor, K: Tensor, V: Tensor, idx: Tensor, beta: Tensor, scale
                ridge: float = 0.0) -> Tensor:
     """Cv [H, t, dv] so that softmax(scale·Q K[idx]ᵀ + β) Cv matches softmax(S) V in least squares."""
     out, _ = attend(Q, K, V, scale, bias)
-    return _fit_values(Q, _rows(K, idx), beta, scale, out, ridge)
+    return _fit_values(Q, _rows(K, idx), beta, scale, out, ridge)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -426,6 +458,10 @@ def _fixed_indices(selector: str, H: int, T: int, t: int, seed: int) -> Tensor |
     return None
 
 
+def default_chunk_bytes(device: torch.device) -> int:
+    return CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
+
+
 def _head_chunks(H: int, n: int, T: int, chunk_bytes: int) -> list[slice]:
     size = max(1, chunk_bytes // (4 * n * T))
     return [slice(start, min(start + size, H)) for start in range(0, H, size)]
@@ -484,11 +520,16 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, sca
     lap("beta")
 
     # fitted values of padding slots solve to 0 (their softmax column is 0); evicted ones are zeroed here
-    values = _fit_values(Q, keys, beta, scale, ref_out, method.ridge, share) if method.fit else _rows(V, idx)
-    values = values.masked_fill(~real[..., None], 0.0)
-    lap("values")
-
-    output_error, mass_error = _errors(*attend(Q, keys, values, scale, beta), ref_out, ref_lse)
+    if method.fit:
+        values, X, lse = _fit_values(Q, keys, beta, scale, ref_out, method.ridge, share)
+        values = values.masked_fill(~real[..., None], 0.0)
+        lap("values")
+        compact_out = torch.bmm(X, values), lse
+    else:
+        values = _rows(V, idx).masked_fill(~real[..., None], 0.0)
+        lap("values")
+        compact_out = attend(Q, keys, values, scale, beta)
+    output_error, mass_error = _errors(*compact_out, ref_out, ref_lse)
     lap("stats")
     return keys, beta, values, idx, output_error, mass_error
 
@@ -502,7 +543,7 @@ def _ranked_keys(E: Tensor, mass: Tensor, t: int, method: Method) -> Tensor:
 
 
 def compact(Q: Tensor, K: Tensor, V: Tensor, t: int, scale: float, bias: Tensor | None = None,
-            method: str = "hak", seed: int = 0, chunk_bytes: int = CHUNK_BYTES, budgets: Tensor | None = None,
+            method: str = "hak", seed: int = 0, chunk_bytes: int | None = None, budgets: Tensor | None = None,
             span: tuple[Tensor, Tensor] | None = None, **knobs) -> CompactResult:
     """Compact K, V ([H, T, d], [H, T, dv]) to t slots per head with a named method (see METHODS);
     `knobs` override the method's fields. Works in float32; heads are solved in memory-bounded chunks.
@@ -525,7 +566,7 @@ def compact(Q: Tensor, K: Tensor, V: Tensor, t: int, scale: float, bias: Tensor 
     fixed_idx = _fixed_indices(config.selector, H, T, t, seed)
     seconds = dict.fromkeys(STAGES, 0.0)
     parts = []
-    for heads in _head_chunks(H, Q.shape[1], T, chunk_bytes):
+    for heads in _head_chunks(H, Q.shape[1], T, chunk_bytes or default_chunk_bytes(K.device)):
         parts.append(_compact_chunk(Q[heads], K[heads], V[heads], budgets[heads], t, scale,
                                     bias[heads] if bias is not None else None, config,
                                     fixed_idx[heads] if fixed_idx is not None else None,
@@ -535,10 +576,10 @@ def compact(Q: Tensor, K: Tensor, V: Tensor, t: int, scale: float, bias: Tensor 
 
 
 def row_max_lse(Q: Tensor, K: Tensor, scale: float, bias: Tensor | None = None,
-                chunk_bytes: int = CHUNK_BYTES) -> tuple[Tensor, Tensor]:
+                chunk_bytes: int | None = None) -> tuple[Tensor, Tensor]:
     """Row max and log-sum-exp of the logits of Q [H, n, d] against all keys K [H, T, d]: ([H, n], [H, n])."""
     parts = []
-    for heads in _head_chunks(K.shape[0], Q.shape[1], K.shape[1], chunk_bytes):
+    for heads in _head_chunks(K.shape[0], Q.shape[1], K.shape[1], chunk_bytes or default_chunk_bytes(K.device)):
         S = attention_logits(Q[heads].float(), K[heads].float(), scale, bias[heads].float() if bias is not None else None)
         parts.append((S.amax(-1), S.logsumexp(-1)))
     row_max, lse = (torch.cat(tensors) for tensors in zip(*parts, strict=True))
@@ -546,11 +587,11 @@ def row_max_lse(Q: Tensor, K: Tensor, scale: float, bias: Tensor | None = None,
 
 
 def evaluate(Q: Tensor, K: Tensor, V: Tensor, bias: Tensor | None, keys: Tensor, beta: Tensor, values: Tensor,
-             scale: float, chunk_bytes: int = CHUNK_BYTES) -> tuple[Tensor, Tensor]:
+             scale: float, chunk_bytes: int | None = None) -> tuple[Tensor, Tensor]:
     """Errors of the compact block on (held-out) queries: (mean relative output error [H], mean mass error [H])."""
     Q, K, V = Q.float(), K.float(), V.float()
     parts = []
-    for heads in _head_chunks(K.shape[0], Q.shape[1], K.shape[1], chunk_bytes):
+    for heads in _head_chunks(K.shape[0], Q.shape[1], K.shape[1], chunk_bytes or default_chunk_bytes(K.device)):
         reference = attend(Q[heads], K[heads], V[heads], scale, bias[heads].float() if bias is not None else None)
         compacted = attend(Q[heads], keys[heads].float(), values[heads].float(), scale, beta[heads].float())
         parts.append(_errors(*compacted, *reference))

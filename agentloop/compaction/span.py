@@ -7,13 +7,14 @@ machinery (β = 0 or the existing β, original values) so that comparisons are a
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from agentloop.compaction.queries import combine, repeat_queries, self_study_queries, with_share
-from agentloop.compaction.solver import compact, row_max_lse
+from agentloop.compaction.solver import CHUNK_BYTES, SINKS, STAGES, compact, default_chunk_bytes, row_max_lse
 
 QuerySources = tuple[tuple[str, float], ...]
 RECENT_WINDOW = 32  # tokens whose queries the `recent` source keeps
@@ -61,14 +62,17 @@ class SpanStats:
     layers: list[int] = field(default_factory=list)
     layer_slots: list[int] = field(default_factory=list)  # slots the span holds per layer (= its largest head budget)
     padding_fraction: float = 0.0  # padding slots / all slots written (non-uniform budgets)
+    fallback: str | None = None  # why some heads were evicted instead of compacted (see compact_span)
+    evicted_heads: int = 0
 
     def summary(self) -> dict:
         return {"method": self.method, "span": [self.start, self.end], "kept": self.kept, "queries": self.queries,
                 "layer_slots": self.layer_slots, "padding_fraction": round(self.padding_fraction, 4),
                 "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
-                "output_error": round(float(self.output_error.mean()), 6),
-                "mass_error": round(float(self.mass_error.mean()), 6),
-                "seconds": {k: round(v, 4) for k, v in self.seconds.items()}}
+                "output_error": round(float(self.output_error.nanmean()), 6),
+                "mass_error": round(float(self.mass_error.nanmean()), 6),
+                "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+                **({"fallback": self.fallback, "evicted_heads": self.evicted_heads} if self.fallback else {})}
 
 
 def target_slots(span_len: int, target: int | float) -> int:
@@ -119,8 +123,9 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                  context_ids: list[int] | None = None,
                  max_queries: int | None = MAX_QUERIES, seed: int = 0, chunk: int | None = None,
                  memo: dict[str, dict] | None = None, budgets: torch.Tensor | None = None,
-                 task_ids: list[int] | None = None, task_share: float = TASK_SHARE, **knobs) -> SpanStats:
-    """Replace physical slots [start, end) of every compactable layer by a compacted block.
+                 task_ids: list[int] | None = None, task_share: float = TASK_SHARE,
+                 scratch_bytes: int | None = None, fallback: str | None = None, **knobs) -> SpanStats:
+    """Replace physical slots [start, end) of every compactable layer by a compacted block, in place.
 
     `queries` (ready-made) or `sources` ((name, weight) pairs) override the method's query sources; `memo`
     reuses sources already collected for this context (several compactions of one context); `context_ids` is the
@@ -132,7 +137,14 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     ask of the span weighs in selection and fits (query-free methods ignore it).
     `budgets` [layers, kv_heads] (slots per compactable head, see compaction.budgets.head_budgets) replaces the
     uniform `target`: each layer then holds the span at its largest head budget, and its other heads are
-    padded with slots of key 0, value 0 and β = −inf (no attention, but they count toward the bytes)."""
+    padded with slots of key 0, value 0 and β = −inf (no attention, but they count toward the bytes).
+
+    Scratch stays within `scratch_bytes` (default: the session budget's fit bytes): heads are compacted a chunk at a
+    time from the cache's own buffers, each chunk written back in place before the next is read, and a span too
+    long for one head's matrices is fitted in key chunks (as `chunk` does). If the queries cannot be read, or a
+    chunk of heads fails (out of memory, a non-finite fit), those heads fall back to eviction of the same region
+    (the sink slots and the newest ones, their β and values kept) and `fallback` says why; on Ctrl-C the remaining
+    heads are evicted so that the cache stays whole, then the interrupt goes on."""
     if method not in NAMED_METHODS:
         raise ValueError(f"unknown compaction method {method!r}; choose one of {', '.join(NAMED_METHODS)}")
     named = NAMED_METHODS[method]
@@ -142,63 +154,200 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
         raise ValueError(f"span [{start}, {end}) is outside the {cache.physical_len} slots held")
     heads = cache.kv_heads
     slots = _head_slots(budgets, target_slots(span_len, target), len(layers), heads, span_len)  # [layers * kv_heads]
-    bytes_before = cache.nbytes()
+    bytes_before = cache.held_bytes()
 
     tic = time.perf_counter()
     sources = named.queries if sources is None else sources
-    if queries is None and sources:
-        memo = {} if memo is None else memo
-        queries = reference_queries(session, sources, context_ids, max_queries, seed, memo,
-                                    min_rows=QUERIES_PER_SLOT * int(slots.max()))
-        if task_ids:
-            if "task" not in memo:
-                memo["task"] = session.probe(list(task_ids), generate=TASK_DRAFT, temperature=0.0)
-            queries = with_share(queries, memo["task"], task_share)
+    try:
+        if queries is None and sources and fallback is None:
+            memo = {} if memo is None else memo
+            queries = reference_queries(session, sources, context_ids, max_queries, seed, memo,
+                                        min_rows=QUERIES_PER_SLOT * int(slots.max()))
+            if task_ids:
+                if "task" not in memo:
+                    memo["task"] = session.probe(list(task_ids), generate=TASK_DRAFT, temperature=0.0)
+                queries = with_share(queries, memo["task"], task_share)
+    except (RuntimeError, torch.OutOfMemoryError) as exc:  # a probe that failed: nothing of the cache changed
+        fallback, queries = f"reading the queries failed ({_first_line(exc)})", None
     seconds = {"queries": time.perf_counter() - tic}
 
-    # every compactable layer stacked: [layers * kv_heads, T, d]; scale is the model's own (same for all layers)
-    keys = torch.cat([cache.layers[i].keys[0, :, start:end] for i in layers])
-    values = torch.cat([cache.layers[i].values[0, :, start:end] for i in layers])
-    beta = _stacked_beta(cache, layers, start, end)
-    if queries is not None:
-        Q = torch.cat([queries[i].to(keys.device) for i in layers])
-    else:  # query-free methods: the solver ignores queries except for statistics; use some of the keys themselves
-        rows = torch.randperm(span_len, generator=torch.Generator().manual_seed(seed))[:STATS_QUERIES].sort().values
-        Q = keys[:, rows.to(keys.device)]
     scale = session.model.model.layers[layers[0]].self_attn.scaling
-
+    rows = next(iter(queries.values())).shape[1] if queries else STATS_QUERIES
+    scratch = scratch_bytes or session.budget.fit_bytes or CHUNK_BYTES
+    if chunk is None and fallback is None:  # a span too long for one head's matrices is fitted in key chunks
+        chunk = _part_length(rows, span_len, int(slots.max()), scratch)
     bounds = _chunks(span_len, chunk)
-    whole = row_max_lse(Q, keys, scale, beta) if len(bounds) > 1 else None  # chunks are fitted as parts of the span
+    # slots of each part per head: each head's budget shared out in proportion to the parts
+    part_slots = [slots if len(bounds) == 1 else (slots.double() * (hi - lo) / span_len).round().long().clamp(1, hi - lo)
+                  for lo, hi in bounds]
+    real_slots = torch.stack(part_slots).sum(0)  # [layers * kv_heads]
+    layer_slots = real_slots.view(len(layers), heads).amax(1).tolist()  # each layer keeps its largest head budget
+    per_head = _head_bytes(rows, max(hi - lo for lo, hi in bounds), int(max(p.max() for p in part_slots)),
+                           cache.head_dim)
+    group = max(1, scratch // per_head)
+
+    errors, all_seconds = [], []
+    evicted = 0
+    for first in range(0, len(layers) * heads, group):
+        rows_ = range(first, min(first + group, len(layers) * heads))
+        try:
+            if fallback is not None:
+                raise _Evict
+            result = _compact_heads(session, rows_, start, end, bounds, part_slots, queries, named, scale, seed,
+                                    knobs, scratch)
+            _write_heads(cache, layers, heads, rows_, start, layer_slots, result)
+            errors.append(result[3:5])
+            all_seconds.append(result[5])
+        except _Evict:
+            evicted += _evict_heads(cache, layers, heads, rows_, start, end, layer_slots)
+        except (RuntimeError, torch.OutOfMemoryError, FloatingPointError) as exc:
+            fallback = f"compacting failed ({_first_line(exc)}); the rest of the heads were evicted instead"
+            _free_scratch(cache)
+            evicted += _evict_heads(cache, layers, heads, rows_, start, end, layer_slots)
+        except KeyboardInterrupt:
+            _free_scratch(cache)
+            for rest in range(first, len(layers) * heads, group):  # keep the cache whole, then stop
+                _evict_heads(cache, layers, heads, range(rest, min(rest + group, len(layers) * heads)), start, end,
+                             layer_slots)
+            for layer_idx, length in zip(layers, layer_slots, strict=True):
+                cache.layers[layer_idx].move_tail(end, start + length)
+            raise
+    for layer_idx, length in zip(layers, layer_slots, strict=True):
+        cache.layers[layer_idx].move_tail(end, start + length)
+
+    for stage in STAGES:
+        seconds[stage] = sum(s[stage] for s in all_seconds)
+    n_rows = len(layers) * heads
+    output_error = torch.full((n_rows,), float("nan"))
+    mass_error = torch.full((n_rows,), float("nan"))
+    position = 0
+    for out_err, mass_err in errors:
+        output_error[position:position + len(out_err)] = out_err.cpu()
+        mass_error[position:position + len(mass_err)] = mass_err.cpu()
+        position += len(out_err)
+    seconds["total"] = time.perf_counter() - tic
+    total_slots = heads * sum(layer_slots)
+    return SpanStats(method=method, start=start, end=end, kept=max(layer_slots), queries=rows if queries else 0,
+                     seconds=seconds, output_error=output_error.view(len(layers), heads),
+                     mass_error=mass_error.view(len(layers), heads), bytes_before=bytes_before,
+                     bytes_after=cache.held_bytes(), layers=list(layers), layer_slots=layer_slots,
+                     padding_fraction=1 - int(real_slots.sum()) / total_slots, fallback=fallback, evicted_heads=evicted)
+
+
+class _Evict(Exception):
+    """These heads go to the eviction fallback."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _free_scratch(cache) -> None:
+    device = cache.layers[cache.compactable[0]].key_buffer.device
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _head_bytes(rows: int, span: int, kept: int, head_dim: int = 128) -> int:
+    """Scratch of one head's compaction: its keys, values and queries in fp32, two [rows, span] matrices (the shifted
+    exponentials and the attention scores), the design and softmax matrices [rows, kept], two [kept, kept] systems."""
+    return 4 * ((2 * span + rows) * head_dim + 2 * rows * span + 3 * rows * kept + 4 * kept * kept)
+
+
+def _part_length(rows: int, span: int, kept: int, scratch: int) -> int | None:
+    """The longest key chunk whose one-head scratch fits `scratch` (None: the whole span fits)."""
+    if _head_bytes(rows, span, kept) <= scratch:
+        return None
+    ratio = kept / span
+    lo, hi = min(16, span), span
+    while lo < hi:  # the longest chunk that fits, by bisection
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if _head_bytes(rows, mid, max(1, round(mid * ratio))) <= scratch else (lo, mid - 1)
+    return lo
+
+
+def _stacked(cache, layers: list[int], heads: int, rows_: range, start: int, end: int):
+    """fp32 copies of the span's keys, values and β [h, T, d], [h, T] of the stacked heads `rows_`
+    (stacked index = layer position * kv_heads + head), read from the cache's buffers."""
+    keys, values, beta = [], [], []
+    for r in rows_:
+        layer = cache.layers[layers[r // heads]]
+        h = r % heads
+        keys.append(layer.key_buffer[0, h, start:end])
+        values.append(layer.value_buffer[0, h, start:end])
+        beta.append(layer.beta_buffer[0, h, start:end] if layer.has_beta else None)
+    K, V = torch.stack(keys).float(), torch.stack(values).float()
+    if all(b is None for b in beta):
+        return K, V, None
+    return K, V, torch.stack([b.float() if b is not None else K.new_zeros(end - start) for b in beta])
+
+
+def _compact_heads(session, rows_, start, end, bounds, part_slots, queries, named, scale, seed, knobs, scratch):
+    """Compact the stacked heads `rows_`: (keys, values, β [h, t_all, ...] with each head's real slots first, output
+    error, mass error [h], stage seconds)."""
+    cache, layers, heads = session.cache, session.cache.compactable, session.cache.kv_heads
+    K, V, beta = _stacked(cache, layers, heads, rows_, start, end)
+    if queries is not None:
+        Q = torch.stack([queries[layers[r // heads]][r % heads] for r in rows_]).to(K.device).float()
+    else:  # query-free methods: the solver ignores queries except for statistics; use some of the keys themselves
+        picked = torch.randperm(end - start, generator=torch.Generator().manual_seed(seed))[:STATS_QUERIES].sort().values
+        Q = K[:, picked.to(K.device)]
+    index = torch.tensor(list(rows_))
+    chunk_bytes = min(scratch, default_chunk_bytes(K.device))
+    whole = row_max_lse(Q, K, scale, beta, chunk_bytes) if len(bounds) > 1 else None  # parts are fitted as parts of the span
     parts, real = [], []
-    for lo, hi in bounds:
-        share = slots.double() * (hi - lo) / span_len  # each head's budget, shared out in proportion to the chunks
-        part_slots = slots if len(bounds) == 1 else share.round().long().clamp(1, hi - lo)
-        t = int(part_slots.max())
-        parts.append(compact(Q, keys[:, lo:hi], values[:, lo:hi], t, scale,
-                             bias=beta[:, lo:hi] if beta is not None else None, method=named.solver, seed=seed,
-                             budgets=part_slots, span=whole, **knobs))
-        real.append(torch.arange(t) < part_slots[:, None])  # [layers * kv_heads, t]
-    # each head's real slots first (chunk by chunk), its padding last: [layers * kv_heads, t_all, ...]
-    order = (~torch.cat(real, dim=1)).int().argsort(dim=-1, stable=True).to(keys.device)
+    for (lo, hi), per_part in zip(bounds, part_slots, strict=True):
+        budget = per_part[index]
+        t = int(budget.max())
+        parts.append(compact(Q, K[:, lo:hi], V[:, lo:hi], t, scale, bias=beta[:, lo:hi] if beta is not None else None,
+                             method=named.solver, seed=seed, budgets=budget, span=whole, chunk_bytes=chunk_bytes, **knobs))
+        real.append(torch.arange(t) < budget[:, None])  # [h, t]
+    del K, V, beta, Q
+    # each head's real slots first (part by part), its padding last: [h, t_all, ...]
+    order = (~torch.cat(real, dim=1)).int().argsort(dim=-1, stable=True).to(parts[0].keys.device)
     new_keys = _gather_slots(torch.cat([p.keys for p in parts], dim=1), order)
     new_values = _gather_slots(torch.cat([p.values for p in parts], dim=1), order)
     new_beta = torch.cat([p.beta for p in parts], dim=1).gather(1, order)
-    for stage in parts[0].seconds:
-        seconds[stage] = sum(p.seconds[stage] for p in parts)
+    if not (torch.isfinite(new_keys).all() and torch.isfinite(new_values).all() and not torch.isnan(new_beta).any()
+            and not (new_beta == math.inf).any()):
+        raise FloatingPointError("a fit gave a non-finite key, value or β")
+    seconds = {stage: sum(p.seconds[stage] for p in parts) for stage in parts[0].seconds}
+    output_error = torch.stack([p.output_error for p in parts]).mean(0)
+    mass_error = torch.stack([p.mass_error for p in parts]).mean(0)
+    return new_keys, new_values, new_beta, output_error, mass_error, seconds
 
-    real_slots = torch.cat(real, dim=1).sum(1).view(len(layers), heads)
-    layer_slots = real_slots.amax(1).tolist()  # each layer keeps the span at its largest head budget
-    for n, (layer_idx, length) in enumerate(zip(layers, layer_slots, strict=True)):
-        rows = slice(n * heads, (n + 1) * heads)
-        cache.replace(layer_idx, start, end, new_keys[None, rows, :length], new_values[None, rows, :length],
-                      new_beta[None, rows, :length])
-    output_error = torch.stack([p.output_error for p in parts]).mean(0).view(len(layers), heads)
-    mass_error = torch.stack([p.mass_error for p in parts]).mean(0).view(len(layers), heads)
-    seconds["total"] = time.perf_counter() - tic
-    return SpanStats(method=method, start=start, end=end, kept=max(layer_slots), queries=Q.shape[1],
-                     seconds=seconds, output_error=output_error, mass_error=mass_error,
-                     bytes_before=bytes_before, bytes_after=cache.nbytes(), layers=list(layers),
-                     layer_slots=layer_slots, padding_fraction=1 - int(real_slots.sum()) / (heads * sum(layer_slots)))
+
+def _write_heads(cache, layers, heads, rows_, start, layer_slots, result) -> None:
+    """Write each head's block, cut or padded to its layer's length, into slots [start, start + length)."""
+    new_keys, new_values, new_beta = result[:3]
+    for n, r in enumerate(rows_):
+        length = layer_slots[r // heads]
+        keys, values, beta = new_keys[n, :length], new_values[n, :length], new_beta[n, :length]
+        if keys.shape[0] < length:  # parts rounded below the layer's length: pad
+            pad = length - keys.shape[0]
+            keys = torch.cat([keys, keys.new_zeros(pad, keys.shape[-1])])
+            values = torch.cat([values, values.new_zeros(pad, values.shape[-1])])
+            beta = torch.cat([beta, beta.new_full((pad,), -math.inf)])
+        cache.layers[layers[r // heads]].write_block(start, keys[None], values[None], beta[None],
+                                                     heads=slice(r % heads, r % heads + 1))
+
+
+def _evict_heads(cache, layers, heads, rows_, start, end, layer_slots) -> int:
+    """The fallback: each head keeps the span's SINKS first slots and its newest ones (β and values as they are),
+    written in place. Returns the number of heads evicted."""
+    span_len = end - start
+    for r in rows_:
+        layer, h, length = cache.layers[layers[r // heads]], r % heads, layer_slots[r // heads]
+        sinks = min(SINKS, length)
+        kept = torch.cat([torch.arange(sinks), torch.arange(span_len - (length - sinks), span_len)]) + start
+        kept = kept.to(layer.key_buffer.device)
+        keys = layer.key_buffer[0, h].index_select(0, kept)
+        values = layer.value_buffer[0, h].index_select(0, kept)
+        beta = layer.beta_buffer[0, h].index_select(0, kept)
+        layer.write_block(start, keys[None], values[None], beta[None] if layer.has_beta else None,
+                          heads=slice(h, h + 1))
+    return len(rows_)
 
 
 def _gather_slots(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -214,18 +363,6 @@ def _head_slots(budgets: torch.Tensor | None, kept: int, layers: int, heads: int
         raise ValueError(f"budgets must be [{layers}, {heads}] (compactable layers, KV heads) slot counts in "
                          f"[1, {span_len}], got shape {tuple(budgets.shape)}")
     return budgets.long().cpu().flatten()
-
-
-def _stacked_beta(cache, layers: list[int], start: int, end: int) -> torch.Tensor | None:
-    """The existing β of the span, [layers * kv_heads, T], or None if no layer has any."""
-    if all(cache.beta(i) is None for i in layers):
-        return None
-    rows = []
-    for i in layers:
-        beta = cache.beta(i)
-        rows.append(beta[0, :, start:end].float() if beta is not None
-                    else torch.zeros(cache.kv_heads, end - start, device=cache.layers[i].keys.device))
-    return torch.cat(rows)
 
 
 def _chunks(length: int, chunk: int | None) -> list[tuple[int, int]]:

@@ -1,0 +1,146 @@
+"""One memory budget: how `--mem-cap` is split between the KV cache and the scratch the loop needs.
+
+Everything the loop allocates beyond the weights comes out of the budget:
+  cache      - the full-attention layers' buffers (keys, values, β) for `cache_slots` slots, and sliding windows;
+  workspace  - one forward's transient tensors (activations of a prefill chunk, attention masks, logits);
+  and, for policies that compact with the model's queries (am, h2o, snapkv), the compaction reserve:
+  probe      - `probe_slots` more slots in every full layer, for the transient tokens of a re-read (rolled back);
+  queries    - the reservoir of reference queries (`query_rows` per layer and KV head, model dtype), the rows kept
+               between compactions, and the decode-time query window of the `recorded` source;
+  fits       - the solver's matrices, streamed over heads and, for long spans, over key chunks (`fit_bytes`).
+A byte cap holds all of it: the cache gets what the rest leaves, and compaction triggers when the cache is full.
+A token cap (`2048tok`) fixes the cache at that many slots and adds the rest on top: the budget is their sum.
+The split is shown by `agentloop info --mem-cap` and in the run header.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from agentloop.cache import bytes_per_token, kv_geometry, sliding_bytes
+from agentloop.errors import AgentloopError
+from agentloop.memcap import MemCap, format_bytes
+
+MIN_SLOTS = 32  # a cache smaller than this cannot run a conversation
+PREFILL_CHUNK = 512  # tokens per forward while prefilling (fewer when the step workspace is small)
+WORKSPACE_FRACTION, WORKSPACE_FLOOR = 0.05, 24 << 20  # one forward's transients: a share of the cache, at least this
+MIN_CHUNK = 16
+QUERY_BYTES = 2  # queries are kept in 16 bits (the model's dtype if it is a 16-bit one, else float16)
+QUERY_ROWS_PER_SLOT = 4  # reservoir rows per kept slot and KV head (fits of t slots need well over t rows)
+PROBE_FRACTION = 8  # a re-read window holds up to 1/8 of the cache's slots (at least MIN_PROBE)
+MIN_PROBE, MAX_PROBE = 64, 2048
+ALIGN_SLOTS = 16
+FIT_FRACTION = 0.05  # the solver's matrices may take this share of the cache's bytes (at least FIT_FLOOR)
+FIT_FLOOR = 4 << 20
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """The split of one memory budget (bytes unless named otherwise)."""
+
+    cap_bytes: int | None  # the whole budget; None: no cap (the cache grows)
+    cache_slots: int | None  # slots per full-attention layer
+    cache_bytes: int  # the cache's buffers at cache_slots (0 without a cap)
+    workspace_bytes: int
+    mask_bytes: int  # one block of attention mask in a multi-token forward (agentloop.attention)
+    probe_slots: int
+    probe_bytes: int
+    query_rows: int  # reservoir rows per (layer, KV head)
+    query_bytes: int  # reservoir + rows kept between compactions + decode-time window
+    fit_bytes: int
+    prefill_chunk: int
+
+    @property
+    def reserve_bytes(self) -> int:
+        return self.workspace_bytes + self.probe_bytes + self.query_bytes + self.fit_bytes
+
+    def describe(self) -> str:
+        """One line: the split, as the run header and `agentloop info` show it."""
+        if self.cap_bytes is None:
+            return "no cap: the cache grows as needed"
+        parts = [f"cache {format_bytes(self.cache_bytes)} ({self.cache_slots:,} slots)",
+                 f"step workspace {format_bytes(self.workspace_bytes)} (prefill chunks of {self.prefill_chunk})"]
+        if self.query_rows:
+            parts += [f"re-read {format_bytes(self.probe_bytes)} ({self.probe_slots} slots)",
+                      f"queries {format_bytes(self.query_bytes)} ({self.query_rows} rows per KV head)",
+                      f"fits {format_bytes(self.fit_bytes)}"]
+        return f"budget {format_bytes(self.cap_bytes)} = " + " + ".join(parts)
+
+
+def _model_sizes(config) -> dict[str, int]:
+    text = config.get_text_config(decoder=True)
+    full, sliding, kv_heads, head_dim, _ = kv_geometry(config)
+    return dict(layers=full, kv_heads=kv_heads, head_dim=head_dim, q_heads=text.num_attention_heads,
+                hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+                vocab=text.vocab_size)
+
+
+def workspace(config, dtype: torch.dtype, cache_bytes: int | None,
+              prefill_chunk: int = PREFILL_CHUNK) -> tuple[int, int, int]:
+    """(bytes, prefill chunk, mask bytes) of one forward's transients. The workspace is a share of the cache (at
+    least WORKSPACE_FLOOR): a quarter for two attention-mask blocks (the mask and SDPA's scores), the logits of the
+    last position (model dtype and an fp32 copy), and the activations of a prefill chunk (residual, attention
+    projections, MLP; counted twice for the allocator's slack) in the rest, which sets the chunk. No cap: the
+    requested chunk and 8 MiB masks."""
+    m, element = _model_sizes(config), torch.empty((), dtype=dtype).element_size()
+    per_token = 2 * element * (4 * m["hidden"] + 3 * m["intermediate"] + 2 * (m["q_heads"] + 2 * m["kv_heads"]) * m["head_dim"])
+    logits = m["vocab"] * (element + 4)
+    if cache_bytes is None:
+        mask = 8 << 20
+        return prefill_chunk * per_token + 2 * mask + logits, prefill_chunk, mask
+    total = max(WORKSPACE_FLOOR, int(WORKSPACE_FRACTION * cache_bytes))
+    mask = total // 8
+    chunk = max(MIN_CHUNK, min(prefill_chunk, (total - 2 * mask - logits) // per_token))
+    return max(total, chunk * per_token + 2 * mask + logits), chunk, mask
+
+
+def plan(config, dtype: torch.dtype, cap: MemCap | None, policy=None, prefill_chunk: int = PREFILL_CHUNK) -> MemoryBudget:
+    """Split `cap` for this model and policy. A byte cap too small for the minimal working set is refused."""
+    if cap is None:
+        work, chunk, mask = workspace(config, dtype, None, prefill_chunk)
+        return MemoryBudget(None, None, 0, work, mask, 0, 0, 0, 0, 0, chunk)
+    slot = bytes_per_token(config, dtype)
+
+    def split(slots: int) -> MemoryBudget:
+        cache = slots * slot + sliding_bytes(config, dtype)
+        work, chunk, mask = workspace(config, dtype, cache, prefill_chunk)
+        probe_slots, rows, queries, fits = _compaction_reserve(config, dtype, slots, policy)
+        total = cache + work + probe_slots * slot + queries + fits
+        return MemoryBudget(total, slots, cache, work, mask, probe_slots, probe_slots * slot, rows, queries, fits,
+                            chunk)
+
+    if cap.unit == "tokens":
+        return split(cap.value)
+    cap_bytes = cap.value
+    lo, hi = 0, max(0, (cap_bytes - sliding_bytes(config, dtype)) // slot)  # the most slots that fit, by bisection
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if split(mid).cap_bytes <= cap_bytes else (lo, mid - 1)
+    if lo < MIN_SLOTS:
+        least = split(MIN_SLOTS).cap_bytes
+        name = getattr(policy, "name", "none")
+        raise AgentloopError(f"mem-cap {cap} ({format_bytes(cap_bytes)}) is too small for this model with policy "
+                             f"{name!r}: its minimal working set ({MIN_SLOTS} cache slots plus scratch) needs "
+                             f"{format_bytes(least)}; raise --mem-cap to at least that")
+    return dataclasses.replace(split(lo), cap_bytes=cap_bytes)
+
+
+def _compaction_reserve(config, dtype, slots: int, policy) -> tuple[int, int, int, int]:
+    """(probe slots, query rows per KV head, query bytes, fit bytes) a policy needs at a cache of `slots` slots."""
+    m, element = _model_sizes(config), torch.empty((), dtype=dtype).element_size()
+    if policy is None or not getattr(policy, "compacts_with_queries", False):
+        # eviction keeps slots with one layer-sized temporary (index_select before the in-place write)
+        return 0, 0, 0, slots * m["kv_heads"] * (2 * m["head_dim"] + 1) * element
+    kept = max(1, round(slots * policy.ratio))
+    rows = min(policy.max_queries, QUERY_ROWS_PER_SLOT * kept)
+    per_row = m["layers"] * m["kv_heads"] * m["head_dim"] * QUERY_BYTES
+    window = policy.query_window()
+    groups = m["q_heads"] // m["kv_heads"]
+    queries = 2 * rows * per_row + window * groups * per_row  # reservoir + kept rows + decode-time window
+    probe = min(MAX_PROBE, max(MIN_PROBE, slots // PROBE_FRACTION))
+    probe += -(slots + probe) % ALIGN_SLOTS  # buffers of a multiple of 16 slots: aligned masks for fused kernels
+    fits = max(FIT_FLOOR, int(FIT_FRACTION * slots * bytes_per_token(config, dtype)))
+    return probe, rows, queries, fits
