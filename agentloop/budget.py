@@ -16,6 +16,7 @@ The split is shown by `agentloop info --mem-cap` and in the run header.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,15 +27,19 @@ from agentloop.memcap import MemCap, format_bytes
 
 MIN_SLOTS = 32  # a cache smaller than this cannot run a conversation
 PREFILL_CHUNK = 512  # tokens per forward while prefilling (fewer when the step workspace is small)
-WORKSPACE_FRACTION, WORKSPACE_FLOOR = 0.05, 24 << 20  # one forward's transients: a share of the cache, at least this
-MIN_CHUNK = 16
+WORKSPACE_FRACTION = 0.05  # one forward's transients: a share of the cache's bytes, at least what FLOOR_CHUNK needs
+FLOOR_CHUNK, MIN_CHUNK = 64, 16  # the workspace holds a chunk of at least FLOOR_CHUNK tokens; never fewer than MIN_CHUNK
+FLOOR_MASK = 256 << 10
 QUERY_BYTES = 2  # queries are kept in 16 bits (the model's dtype if it is a 16-bit one, else float16)
-QUERY_ROWS_PER_SLOT = 4  # reservoir rows per kept slot and KV head (fits of t slots need well over t rows)
-PROBE_FRACTION = 8  # a re-read window holds up to 1/8 of the cache's slots (at least MIN_PROBE)
-MIN_PROBE, MAX_PROBE = 64, 2048
+RESERVE_FRACTION = 0.10  # a compacting policy's reserve aims at this share of the cache's bytes ...
+SMALL_RESERVE = 56 << 20  # ... or this, for small caches (64 MiB of slack, less 8 for the runtime's own allocations)
+QUERY_ROWS_PER_SLOT, LEAST_ROWS_PER_SLOT = 4, 1.25  # reservoir rows per kept slot and KV head: wanted, and at least
+LEAST_WINDOW = 32  # decode-time window (tokens) of the `recorded` query source, at least
+PROBE_FRACTION = 32  # a re-read window holds up to 1/32 of the cache's slots (at least MIN_PROBE)
+MIN_PROBE, MAX_PROBE = 64, 512
 ALIGN_SLOTS = 16
-FIT_FRACTION = 0.05  # the solver's matrices may take this share of the cache's bytes (at least FIT_FLOOR)
-FIT_FLOOR = 4 << 20
+FIT_FRACTION = 0.02  # the solver's matrices may take this share of the cache's bytes (at least one head's need)
+FIT_PART = 256  # ... for a key chunk of at most this many slots
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,8 @@ class MemoryBudget:
     probe_slots: int
     probe_bytes: int
     query_rows: int  # reservoir rows per (layer, KV head)
-    query_bytes: int  # reservoir + rows kept between compactions + decode-time window
+    query_window: int  # decode-time tokens whose queries the `recorded` source keeps
+    query_bytes: int  # the reservoir (which also holds the rows kept between compactions), its mixes, the window
     fit_bytes: int
     prefill_chunk: int
 
@@ -64,8 +70,9 @@ class MemoryBudget:
         parts = [f"cache {format_bytes(self.cache_bytes)} ({self.cache_slots:,} slots)",
                  f"step workspace {format_bytes(self.workspace_bytes)} (prefill chunks of {self.prefill_chunk})"]
         if self.query_rows:
+            window = f", a {self.query_window}-token decode window" if self.query_window else ""
             parts += [f"re-read {format_bytes(self.probe_bytes)} ({self.probe_slots} slots)",
-                      f"queries {format_bytes(self.query_bytes)} ({self.query_rows} rows per KV head)",
+                      f"queries {format_bytes(self.query_bytes)} ({self.query_rows} rows per KV head{window})",
                       f"fits {format_bytes(self.fit_bytes)}"]
         return f"budget {format_bytes(self.cap_bytes)} = " + " + ".join(parts)
 
@@ -80,19 +87,20 @@ def _model_sizes(config) -> dict[str, int]:
 
 def workspace(config, dtype: torch.dtype, cache_bytes: int | None,
               prefill_chunk: int = PREFILL_CHUNK) -> tuple[int, int, int]:
-    """(bytes, prefill chunk, mask bytes) of one forward's transients. The workspace is a share of the cache (at
-    least WORKSPACE_FLOOR): a quarter for two attention-mask blocks (the mask and SDPA's scores), the logits of the
-    last position (model dtype and an fp32 copy), and the activations of a prefill chunk (residual, attention
-    projections, MLP; counted twice for the allocator's slack) in the rest, which sets the chunk. No cap: the
-    requested chunk and 8 MiB masks."""
+    """(bytes, prefill chunk, mask bytes) of one forward's transients. The workspace is a share of the cache, and at
+    least what a chunk of FLOOR_CHUNK tokens needs: a quarter for two attention-mask blocks (the mask and SDPA's
+    scores), the logits of the last position (model dtype and an fp32 copy), and the activations of a prefill chunk
+    (residual, attention projections, MLP; counted twice for the allocator's slack) in the rest, which sets the
+    chunk. No cap: the requested chunk and 8 MiB masks."""
     m, element = _model_sizes(config), torch.empty((), dtype=dtype).element_size()
     per_token = 2 * element * (4 * m["hidden"] + 3 * m["intermediate"] + 2 * (m["q_heads"] + 2 * m["kv_heads"]) * m["head_dim"])
     logits = m["vocab"] * (element + 4)
     if cache_bytes is None:
         mask = 8 << 20
         return prefill_chunk * per_token + 2 * mask + logits, prefill_chunk, mask
-    total = max(WORKSPACE_FLOOR, int(WORKSPACE_FRACTION * cache_bytes))
-    mask = total // 8
+    floor = min(FLOOR_CHUNK, prefill_chunk) * per_token + logits + 2 * FLOOR_MASK
+    total = max(floor * 4 // 3, int(WORKSPACE_FRACTION * cache_bytes))
+    mask = max(FLOOR_MASK, total // 8)
     chunk = max(MIN_CHUNK, min(prefill_chunk, (total - 2 * mask - logits) // per_token))
     return max(total, chunk * per_token + 2 * mask + logits), chunk, mask
 
@@ -101,16 +109,17 @@ def plan(config, dtype: torch.dtype, cap: MemCap | None, policy=None, prefill_ch
     """Split `cap` for this model and policy. A byte cap too small for the minimal working set is refused."""
     if cap is None:
         work, chunk, mask = workspace(config, dtype, None, prefill_chunk)
-        return MemoryBudget(None, None, 0, work, mask, 0, 0, 0, 0, 0, chunk)
+        window = policy.query_window() if policy is not None else 0
+        return MemoryBudget(None, None, 0, work, mask, 0, 0, 0, window, 0, 0, chunk)
     slot = bytes_per_token(config, dtype)
 
     def split(slots: int) -> MemoryBudget:
         cache = slots * slot + sliding_bytes(config, dtype)
         work, chunk, mask = workspace(config, dtype, cache, prefill_chunk)
-        probe_slots, rows, queries, fits = _compaction_reserve(config, dtype, slots, policy)
+        probe_slots, rows, window, queries, fits = _compaction_reserve(config, dtype, slots, policy, work)
         total = cache + work + probe_slots * slot + queries + fits
-        return MemoryBudget(total, slots, cache, work, mask, probe_slots, probe_slots * slot, rows, queries, fits,
-                            chunk)
+        return MemoryBudget(total, slots, cache, work, mask, probe_slots, probe_slots * slot, rows, window, queries,
+                            fits, chunk)
 
     if cap.unit == "tokens":
         return split(cap.value)
@@ -128,19 +137,43 @@ def plan(config, dtype: torch.dtype, cap: MemCap | None, policy=None, prefill_ch
     return dataclasses.replace(split(lo), cap_bytes=cap_bytes)
 
 
-def _compaction_reserve(config, dtype, slots: int, policy) -> tuple[int, int, int, int]:
-    """(probe slots, query rows per KV head, query bytes, fit bytes) a policy needs at a cache of `slots` slots."""
+def _one_head_fit(head_dim: int, span: int, kept: int, rows: int) -> int:
+    """The solver's scratch for one KV head (agentloop.compaction.span._head_bytes): the least the fits need."""
+    return 4 * ((2 * span + rows) * head_dim + 2 * rows * span + 3 * rows * kept + 4 * kept * kept)
+
+
+def _compaction_reserve(config, dtype, slots: int, policy, workspace_bytes: int) -> tuple[int, int, int, int, int]:
+    """(probe slots, query rows per KV head, decode-time query window, query bytes, fit bytes) a policy needs at a
+    cache of `slots` slots.
+
+    The reserve aims at RESERVE_FRACTION of the cache's bytes, or SMALL_RESERVE for small caches. The probe slots and
+    the fits take their share first; the queries get the rest: at least LEAST_ROWS_PER_SLOT rows per kept slot and a
+    LEAST_WINDOW-token decode window, then more rows up to QUERY_ROWS_PER_SLOT per kept slot (and the policy's
+    max_queries), then the policy's whole window. A cache too small for the least of them gets them anyway: its
+    budget then exceeds the aim (the header shows the split)."""
     m, element = _model_sizes(config), torch.empty((), dtype=dtype).element_size()
     if policy is None or not getattr(policy, "compacts_with_queries", False):
         # eviction keeps slots with one layer-sized temporary (index_select before the in-place write)
-        return 0, 0, 0, slots * m["kv_heads"] * (2 * m["head_dim"] + 1) * element
+        return 0, 0, 0, 0, slots * m["kv_heads"] * (2 * m["head_dim"] + 1) * element
+    slot = bytes_per_token(config, dtype)
+    cache = slots * slot
     kept = max(1, round(slots * policy.ratio))
-    rows = min(policy.max_queries, QUERY_ROWS_PER_SLOT * kept)
     per_row = m["layers"] * m["kv_heads"] * m["head_dim"] * QUERY_BYTES
-    window = policy.query_window()
     groups = m["q_heads"] // m["kv_heads"]
-    queries = 2 * rows * per_row + window * groups * per_row  # reservoir + kept rows + decode-time window
     probe = min(MAX_PROBE, max(MIN_PROBE, slots // PROBE_FRACTION))
     probe += -(slots + probe) % ALIGN_SLOTS  # buffers of a multiple of 16 slots: aligned masks for fused kernels
-    fits = max(FIT_FLOOR, int(FIT_FRACTION * slots * bytes_per_token(config, dtype)))
-    return probe, rows, queries, fits
+    part = min(slots, FIT_PART)  # the solver fits a longer span in key chunks (compact_span), one head at a time at least
+    want_rows = min(policy.max_queries, QUERY_ROWS_PER_SLOT * kept)
+    least_rows = min(want_rows, math.ceil(LEAST_ROWS_PER_SLOT * kept))
+    fits = max(_one_head_fit(m["head_dim"], part, max(1, round(part * policy.ratio)), least_rows),
+               int(FIT_FRACTION * cache))
+    room = max(int(RESERVE_FRACTION * cache), SMALL_RESERVE) - workspace_bytes - probe * slot - fits
+    want_window = policy.query_window()
+    rows, window = least_rows, min(want_window, LEAST_WINDOW)
+    spare = room - (rows + groups * window) * per_row  # sources are mixed lazily (QueryMix): one copy of the rows
+    if spare > 0:
+        more = min(want_rows - rows, spare // per_row)
+        rows, spare = rows + more, spare - more * per_row
+        window += min(want_window - window, max(0, spare) // (groups * per_row))
+    queries = (rows + groups * window) * per_row
+    return probe, rows, window, queries, fits

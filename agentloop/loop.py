@@ -67,7 +67,7 @@ class Session:
         self.prompt_len = 0
         self.last_logits: torch.Tensor | None = None  # fp32 logits of the newest position
         self.context_recorder: QueryRecorder | None = None  # queries of the last feed(record=True)
-        window = self.policy.query_window()
+        window = self.budget.query_window
         # queries of the newest `window` tokens fed or decoded, for policies that compact with them
         self.recent_recorder = QueryRecorder(self.cache.compactable, self.cache.kv_heads, window=window) if window else None
         if decode not in ("auto", "graph", "static", "eager"):
@@ -201,8 +201,8 @@ class Session:
         other._decoder = None  # a static step is bound to its cache's buffers
         return other
 
-    def probe(self, ids: list[int], generate: int = 0, seed: int = 0,
-              temperature: float = PROBE_TEMPERATURE, prefix: int = 0) -> dict[int, torch.Tensor]:
+    def probe(self, ids: list[int], generate: int = 0, seed: int = 0, temperature: float = PROBE_TEMPERATURE,
+              prefix: int = 0, into: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         """Run `ids` (then up to `generate` tokens, sampled at `temperature`, 0 = greedy, until the end of the
         turn) on top of the cache, recording the queries of every compactable layer into a reservoir of
         `query_rows` rows per KV head, then roll the cache back. Returns {layer: [kv_heads, n, head_dim]}.
@@ -210,8 +210,9 @@ class Session:
         The transient tokens live in the slots the budget keeps free for them. When `ids` (and the draft) do not
         fit there, they are read in windows, each rolled back before the next: the first `prefix` ids (e.g. an
         instruction) and then the next piece of the rest, at the positions a single read would give them, so the
-        pieces see the cache and the prefix but not each other (the draft follows the last window)."""
-        recorder = QueryRecorder(self.cache.compactable, self.cache.kv_heads, rows=self.query_rows, seed=seed)
+        pieces see the cache and the prefix but not each other (the draft follows the last window). `into`: storage
+        for the reservoir (QueryRecorder)."""
+        recorder = QueryRecorder(self.cache.compactable, self.cache.kv_heads, rows=self.query_rows, seed=seed, into=into)
         settings = GenerationSettings(temperature=temperature, top_p=0.9, seed=seed)
         generator = torch.Generator(self.loaded.device).manual_seed(seed)
         eos = _eos_ids(self.model, self.tokenizer) if generate else set()

@@ -9,18 +9,19 @@ import sys
 from pathlib import Path
 
 EVALS: dict[str, tuple[str, str]] = {
-    "decode-speed": ("agentloop.evals.decode_speed", "tok/s of the capped loop vs HF generate on the default model"),
+    "decode-speed": ("agentloop.evals.decode_speed", "tok/s of the capped loop vs HF generate, by context, with/without β"),
     "fidelity": ("agentloop.evals.fidelity", "held-out attention error of every compaction method vs ratio"),
     "passkey": ("agentloop.evals.passkey", "passkey retrieval after one-shot compaction, per method and ratio"),
     "aime": ("agentloop.evals.aime", "AIME under a KV cap with online compaction and a forced answer (paper App. F.3)"),
     "online-fidelity": ("agentloop.evals.online_fidelity", "teacher-forced replay under a cap: KL/top-1 vs uncapped, per policy"),
     "passkey-online": ("agentloop.evals.passkey_online", "pass key in the prompt, asked after k online compactions"),
     "online-speed": ("agentloop.evals.online_speed", "tok/s of a run with online compactions vs uncapped"),
-    "compaction-speed": ("agentloop.evals.compaction_speed", "seconds and GFLOP/s per stage of am-hak-fast, by span length"),
+    "compaction-speed": ("agentloop.evals.compaction_speed", "seconds per stage of a compaction, and its ratio to a prefill"),
     "gsm8k": ("agentloop.evals.gsm8k", "GSM8K accuracy under a KV cap (online compaction) vs uncapped"),
     "ingestion": ("agentloop.evals.ingestion", "pass key in a long tool result compacted on ingestion vs whole vs truncated"),
     "ruler": ("agentloop.evals.ruler", "RULER needle and QA tasks after one-shot compaction, per method and ratio"),
     "vs-reference": ("agentloop.evals.vs_reference", "AM solver vs the paper's reference code on identical tensors"),
+    "gpu-check": ("agentloop.evals.gpu_check", "correctness on the device, then decode, compaction and memory benchmarks"),
     "memory": ("agentloop.evals.memory", "peak memory above the weights vs the cap, per policy and cap (measured)"),
 }
 

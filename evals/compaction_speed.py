@@ -1,112 +1,158 @@
-"""Compaction speed: wall time per stage to compact a SmolLM2 cache of real text with `am-hak-fast`.
+"""Compaction speed: what a compaction costs next to a prefill of the same tokens.
 
-Stages: queries (repeat-prefill of the context on top of the cache), reference (original attention and
-mass for the fitting queries), selection (highest-attention keys), beta (bounded mass fit), values (least
-squares), stats (fit errors). Each stage's FLOPs are estimated from its matmuls so the distance to this
-machine's fp32 matmul rate (~67 GFLOP/s measured) is visible.
+One-shot: a cache of real prose is compacted whole with `am-hak-fast`; stages: queries (repeat-prefill of the
+context on top of the cache), reference (original attention and mass for the fitting queries), selection
+(highest-attention keys), beta (bounded mass fit), values (least squares), stats (fit errors). Next to it, the wall
+time of prefilling the same tokens into an empty cache, and the ratio compaction / prefill.
+
+Online: a capped session with the `am` policy (its defaults) reads prose; for each compaction event, its wall time
+and the wall time of prefilling as many tokens as the region it compacted, measured right after it (ratio per
+event, median reported).
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 
 import torch
 
 
-def stage_flops(config, span: int, kept: int, queries: int, heads: int) -> dict[str, float]:
-    """Dominant matmul FLOPs per stage (2 per multiply-add), summed over compacted (layer, KV head) pairs."""
-    d = config.head_dim if getattr(config, "head_dim", None) else config.hidden_size // config.num_attention_heads
-    n, T, t = queries, span, kept
-    return {
-        "reference": heads * (2 * n * T * d + 2 * n * T * d),  # logits QKᵀ, then E·V
-        "selection": heads * 2 * n * T,  # softmax-weight scores (elementwise, ~linear)
-        "beta": heads * (2 * n * t * t + 2 * n * t),  # Gram MᵀM and Mᵀy of the selected columns
-        "values": heads * (2 * n * t * d + 2 * n * t * t + 2 * n * t * d),  # X = softmax(QCkᵀ+β), XᵀX, XᵀY
-    }
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def prefill_seconds(loaded, ids: list[int]) -> float:
+    """Wall time to prefill `ids` into a fresh, uncapped session."""
+    from agentloop import Session
+
+    session = Session(loaded)
+    _sync(loaded.device)
+    tic = time.perf_counter()
+    for _ in session.feed(ids):
+        pass
+    _sync(loaded.device)
+    return time.perf_counter() - tic
+
+
+def one_shot(loaded, length: int, ratio: int, max_queries: int | None) -> dict:
+    from agentloop import Session
+    from agentloop.compaction.span import compact_span, reference_queries
+    from agentloop.evals.text import prose_ids
+
+    ids = prose_ids(loaded.tokenizer, length)
+    session = Session(loaded)
+    for _ in session.feed(ids):
+        pass
+    _sync(loaded.device)
+    tic = time.perf_counter()
+    queries = reference_queries(session, (("repeat", 1.0),), None, max_queries, 0)
+    _sync(loaded.device)
+    query_seconds = time.perf_counter() - tic
+    stats = compact_span(session, 0, length, 1.0 / ratio, method="am-hak-fast", queries=queries)
+    _sync(loaded.device)
+    seconds = {"queries": query_seconds, **{k: v for k, v in stats.seconds.items() if k not in ("queries", "total")}}
+    total = query_seconds + stats.seconds["total"]
+    prefill = prefill_seconds(loaded, ids)
+    return {"tokens": length, "ratio": ratio, "kept": stats.kept, "queries_per_head": stats.queries,
+            "seconds": {k: round(v, 3) for k, v in seconds.items()}, "total_seconds": round(total, 3),
+            "prefill_seconds": round(prefill, 3), "compaction_over_prefill": round(total / prefill, 2),
+            "output_error_fit": round(float(stats.output_error.nanmean()), 4)}
+
+
+def online(loaded, cap_tokens: int, events: int) -> dict:
+    from agentloop import Session
+    from agentloop.evals.text import prose_ids
+    from agentloop.policies import make_policy
+
+    ids = prose_ids(loaded.tokenizer, cap_tokens * (events + 2))
+    session = Session(loaded, cap=f"{cap_tokens}tok", policy=make_policy("am"))
+    measured, fed, piece = [], 0, max(16, cap_tokens // 8)
+    while len(measured) < events and fed < len(ids):
+        for event in session.feed(ids[fed:fed + piece]):
+            if event.kind == "policy":
+                start, end = event.details["region"]
+                region = ids[:end - start]
+                measured.append({"compaction": event.details["compaction"], "region_slots": end - start,
+                                 "logical_tokens": event.details["logical_tokens"],
+                                 "seconds": round(event.seconds, 3),
+                                 "prefill_seconds": round(prefill_seconds(loaded, region), 3),
+                                 "stage_seconds": event.details["stage_seconds"]})
+                measured[-1]["ratio"] = round(measured[-1]["seconds"] / measured[-1]["prefill_seconds"], 2)
+        fed += piece
+    return {"cap_tokens": cap_tokens, "events": measured,
+            "median_ratio": statistics.median(e["ratio"] for e in measured) if measured else None}
 
 
 def main(argv: list[str] | None = None) -> int:
     from agentloop.evals import add_query_option
 
-    parser = argparse.ArgumentParser(prog="agentloop eval compaction-speed", description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192])
+    parser = argparse.ArgumentParser(prog="agentloop eval compaction-speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="a model, or a shape-only one such as random:qwen3-4b")
+    parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096])
     parser.add_argument("--ratios", nargs="+", type=int, default=[2, 10])
+    parser.add_argument("--online-caps", nargs="*", type=int, default=[512, 2048],
+                        help="token caps of the online measurement (none: skip it)")
+    parser.add_argument("--online-events", type=int, default=3, help="compaction events measured per cap")
     add_query_option(parser)
-    parser.add_argument("--max-kept", type=int, default=2048,
-                        help="skip settings that keep more slots per head (the t x t float64 solves grow as t^3)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--name", default="compaction_speed", help="results file name under evals/results")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
-    from agentloop import Session
-    from agentloop.compaction.span import compact_span, reference_queries
-    from agentloop.evals import describe_queries, load_eval_model, write_results
-    from agentloop.evals.text import prose_ids
+    from agentloop.cli import _quiet_transformers
+    from agentloop.errors import AgentloopError
+    from agentloop.evals import describe_queries, write_results
+    from agentloop.models import load_model
 
-    loaded = load_eval_model(args.model)
-    config = loaded.model.config
-    rows, skipped = [], []
+    if min(args.lengths) < 16 or min(args.ratios) < 2 or args.online_events < 1:
+        raise AgentloopError("--lengths must be >= 16 tokens, --ratios >= 2 and --online-events >= 1")
+    _quiet_transformers()
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    prefill_seconds(loaded, list(range(100, 164)))  # warm-up
+    rows = []
     for length in args.lengths:
-        ids = prose_ids(loaded.tokenizer, length)
-        session = Session(loaded, prefill_chunk=512)
-        for _ in session.feed(ids):
-            pass
-        original = session.cache.copy()
-        tic = time.perf_counter()
-        queries = reference_queries(session, (("repeat", 1.0),), None, args.max_queries, 0)
-        query_seconds = time.perf_counter() - tic
-        heads = len(session.cache.compactable) * session.cache.kv_heads
         for ratio in args.ratios:
-            if length // ratio > args.max_kept:
-                print(f"skip {length} tokens at {ratio}x: {length // ratio} kept slots > --max-kept {args.max_kept}")
-                skipped.append(f"{length} tokens at {ratio}x")
-                continue
-            session.cache = original.copy()
-            stats = compact_span(session, 0, length, 1.0 / ratio, method="am-hak-fast", queries=queries)
-            seconds = {k: v for k, v in stats.seconds.items() if k not in ("queries", "total")}
-            seconds = {"queries": query_seconds, **seconds}
-            flops = stage_flops(config, length, stats.kept, stats.queries, heads)
-            # repeat-prefill: ~length tokens through the non-embedding weights (2 FLOPs per weight per token),
-            # plus attention of each new token over the cache and the copy (4·d_model per key per layer)
-            embedding = loaded.model.get_input_embeddings().weight.numel()
-            params = sum(p.numel() for p in loaded.model.parameters()) - embedding
-            attention = 4 * config.hidden_size * config.num_hidden_layers * length * (1.5 * length)
-            flops["queries"] = 2 * params * length + attention
-            row = {"tokens": length, "ratio": ratio, "kept": stats.kept, "queries_per_head": stats.queries,
-                   "seconds": {k: round(v, 3) for k, v in seconds.items()},
-                   "total_seconds": round(sum(seconds.values()), 3),
-                   "gflop": {k: round(v / 1e9, 2) for k, v in flops.items()},
-                   "gflop_per_s": {k: round(flops[k] / 1e9 / seconds[k], 1) for k in flops if seconds.get(k, 0) > 0},
-                   "output_error_fit": round(float(stats.output_error.mean()), 4)}
-            rows.append(row)
-            print(row, flush=True)
+            rows.append(one_shot(loaded, length, ratio, args.max_queries))
+            print(rows[-1], flush=True)
+    online_rows = []
+    for cap in args.online_caps:
+        online_rows.append(online(loaded, cap, args.online_events))
+        print(online_rows[-1], flush=True)
 
+    where = (torch.cuda.get_device_name() if loaded.device.type == "cuda"
+             else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
     stages = ["queries", "reference", "selection", "beta", "values", "stats"]
-    lines = [f"# Compaction speed: `am-hak-fast` on {args.model}, this CPU ({platform.machine()}, "
-             f"{torch.get_num_threads()} threads, fp32)", "",
-             "Whole cache of real prose compacted one-shot; fitting queries: repeat-prefill, "
-             f"{describe_queries(args.max_queries)} "
-             "per KV head; all 30 layers x 3 KV heads solved batched. Seconds per stage (GFLOP/s achieved in brackets; "
-             "this machine's fp32 matmul peak is ~67 GFLOP/s, though the big reference matmuls reach ~75). `queries` is "
-             "the repeat-prefill, done once per length and shared by both ratios; β and value solves run their "
-             "t x t normal equations in float64, so they grow as t^3 and dominate at 2x.", "",
-             "| tokens | ratio | kept | " + " | ".join(stages) + " | total s |",
-             "|---|---|---|" + "---|" * len(stages) + "---|"]
+    lines = [f"# Compaction speed: {args.model} ({loaded.dtype}, {where})", "",
+             "## One-shot: the whole cache compacted with `am-hak-fast`", "",
+             f"Fitting queries: repeat-prefill, {describe_queries(args.max_queries)} per KV head; all layers and KV "
+             "heads. Seconds per stage; `prefill` = one prefill of the same tokens into an empty cache.", "",
+             "| tokens | ratio | kept | " + " | ".join(stages) + " | total s | prefill s | compaction / prefill |",
+             "|---|---|---|" + "---|" * len(stages) + "---|---|---|"]
     for r in rows:
-        cells = []
-        for s in stages:
-            rate = r["gflop_per_s"].get(s)
-            cells.append(f"{r['seconds'].get(s, 0):.2f}" + (f" ({rate:.0f})" if rate else ""))
-        lines.append(f"| {r['tokens']} | {r['ratio']}x | {r['kept']} | " + " | ".join(cells) + f" | {r['total_seconds']:.1f} |")
+        cells = " | ".join(f"{r['seconds'].get(s, 0):.2f}" for s in stages)
+        lines.append(f"| {r['tokens']:,} | {r['ratio']}x | {r['kept']} | {cells} | {r['total_seconds']:.2f} | "
+                     f"{r['prefill_seconds']:.2f} | **{r['compaction_over_prefill']:.2f}** |")
+    if online_rows:
+        lines += ["", "## Online: `am` compaction events vs a prefill of the region they compact", "",
+                  "| cap | compaction | region slots | event s | prefill of the region s | event / prefill |",
+                  "|---|---|---|---|---|---|"]
+        for o in online_rows:
+            for e in o["events"]:
+                lines.append(f"| {o['cap_tokens']}tok | {e['compaction']} | {e['region_slots']} | {e['seconds']:.2f} | "
+                             f"{e['prefill_seconds']:.2f} | {e['ratio']:.2f} |")
+            if o["median_ratio"] is not None:
+                lines.append(f"| {o['cap_tokens']}tok | **median** | | | | **{o['median_ratio']:.2f}** |")
     command = ("agentloop eval compaction-speed " + " ".join(argv or [])).strip()
-    if skipped:
-        lines += ["", f"Skipped (more than {args.max_kept} kept slots per head): {', '.join(skipped)}."]
-    lines += ["", f"Reproduce: `{command}`"]
+    lines += ["", f"torch {torch.__version__}. Reproduce: `{command}`"]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_results("compaction_speed", {"benchmark": "compaction-speed", "config": vars(args), "rows": rows,
-                                           "skipped": skipped, "command": command}, text)
+        write_results(args.name, {"benchmark": "compaction-speed", "model": args.model, "device": where,
+                                  "config": vars(args), "rows": rows, "online": online_rows, "command": command}, text)
     return 0

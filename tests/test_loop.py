@@ -259,3 +259,36 @@ def test_cache_state_dict_round_trip(tiny):
     assert other.cache.physical_len == session.cache.physical_len
     step = prompt[30:33]
     assert torch.allclose(session._step(step), other._step(step), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_static_decode_step_matches_the_eager_loop_across_compactions(arch):
+    """The static step (what a CUDA graph replays: attention over the whole buffer, β = −inf past the held slots,
+    device-side write slots and query window) gives the eager loop's logits over 120 steps with compactions."""
+    from conftest import _tiny
+
+    from agentloop.models import LoadedModel
+
+    loaded = LoadedModel(model=_tiny(arch), tokenizer=None, name=f"tiny-{arch}", source="config")
+    prompt = _prompt(40)
+    runs = {}
+    for decode in ("eager", "static"):
+        session = Session(loaded, cap="64tok", policy=make_policy("am", protect_recent=8), decode=decode)
+        logits, events = _run(session, prompt, steps=120)
+        runs[decode] = (logits, session)
+        assert sum(e.kind == "policy" for e in events) >= 3
+    (eager, a), (static, b) = runs["eager"], runs["static"]
+    assert b._decoder is not None and b._decoder.graph is None  # the static step really ran (eagerly, on CPU)
+    assert a._decoder is None
+    assert a.token_ids == b.token_ids
+    assert (eager - static).abs().max() <= 1e-4
+    assert torch.equal(a.recent_recorder.queries()[0].float(), b.recent_recorder.queries()[0].float())
+
+
+def test_static_decode_step_matches_a_plain_forward(tiny_llama):
+    reference = reference_copy(tiny_llama)
+    prompt = _prompt(37)
+    session = Session(tiny_llama, cap="256tok", decode="static")
+    logits, _ = _run(session, prompt, steps=100)
+    expected = _reference_logits(reference, session.token_ids, len(prompt))
+    assert (logits - expected).abs().max() <= 1e-4

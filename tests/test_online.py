@@ -107,8 +107,9 @@ def test_rotated_queries_match_a_later_read(tiny_llama):
     list(session.feed(_prompt(shift, seed=2)))
     later = session.probe(ids)[0]
     moved = rotate({0: early}, shift, rope_frequencies(session))[0]
-    assert not torch.allclose(early, later, atol=1e-3)
-    torch.testing.assert_close(moved, later, atol=1e-5, rtol=1e-4)
+    assert early.dtype == torch.float16  # queries are kept in 16 bits: agreement to float16 rounding
+    assert not torch.allclose(early, later, atol=0.1)
+    torch.testing.assert_close(moved.float(), later.float(), atol=4e-3, rtol=4e-3)
 
 
 def _spy_on_probes(session) -> list[list[int]]:

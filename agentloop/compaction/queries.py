@@ -36,10 +36,13 @@ class QueryRecorder:
     """
 
     def __init__(self, layers: list[int], kv_heads: int, rows: int | None = None, window: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, into: dict[int, torch.Tensor] | None = None):
+        """`into` {layer: [kv_heads, n, d]}: storage for the reservoir (views of a caller's buffer; `rows` is then n)."""
+        if into:
+            rows = min(q.shape[1] for q in into.values())
         self.layers, self.kv_heads, self.rows, self.window = set(layers), kv_heads, rows, window
         self.generator = torch.Generator().manual_seed(seed)
-        self._reservoir: dict[int, torch.Tensor] = {}  # layer -> [kv_heads, rows, d]
+        self._reservoir: dict[int, torch.Tensor] = dict(into or {})  # layer -> [kv_heads, rows, d]
         self._ring: dict[int, torch.Tensor] = {}  # layer -> [kv_heads, groups, window, d]
         self._seen: dict[int, int] = dict.fromkeys(layers, 0)  # rows offered to the reservoir
         self._tokens: dict[int, int] = dict.fromkeys(layers, 0)  # tokens recorded
@@ -52,9 +55,7 @@ class QueryRecorder:
         _, q_heads, q_len, dim = query.shape
         groups = q_heads // self.kv_heads
         # [1, q_heads, q_len, d] -> [kv_heads, groups, q_len, d]: the query heads that share a KV head
-        pooled = query[0].detach().reshape(self.kv_heads, groups, q_len, dim)
-        if pooled.element_size() > 2:
-            pooled = pooled.to(torch.float16)
+        pooled = query[0].detach().reshape(self.kv_heads, groups, q_len, dim).to(query_dtype(query.dtype))
         if self.static_slot is not None:  # one token, at a slot set on the device; `advance` counts it
             self._ring[layer_idx].index_copy_(2, self.static_slot, pooled)
             return
@@ -112,7 +113,7 @@ class QueryRecorder:
             tokens = self._tokens[layer_idx]
             if not tokens:
                 continue
-            if self.rows and last is None:
+            if self.rows is not None and last is None:
                 out[layer_idx] = self._reservoir[layer_idx][:, :min(self._seen[layer_idx], self.rows)]
                 continue
             ring = self._ring[layer_idx]
@@ -136,16 +137,66 @@ def subsample(queries: dict[int, torch.Tensor], max_per_head: int | None, seed: 
     return {i: q[:, rows.to(q.device)] for i, q in queries.items()}
 
 
-def combine(sources: list[tuple[dict[int, torch.Tensor], float]], budget: int | None, seed: int,
-            floor: int = 0) -> dict[int, torch.Tensor]:
-    """Mix sources in proportion to their weights, at most `budget` rows per KV head in all.
+class QueryMix:
+    """Rows of several query sources, mixed without copying them: each part is a source {layer: [kv_heads, n, d]}
+    with the rows taken from it (an index, None for all) and how many times each counts (`repeats`, a weight in key
+    selection and in the fits). `rows(layer, head)` builds one head's rows [n_total, d] when the solver needs them."""
+
+    def __init__(self, parts: list[tuple[dict[int, torch.Tensor], torch.Tensor | None, int]]):
+        self.parts = [p for p in parts if p[0]]
+
+    @classmethod
+    def of(cls, queries: dict[int, torch.Tensor]) -> QueryMix:
+        return cls([(queries, None, 1)])
+
+    def __bool__(self) -> bool:
+        return bool(self.parts)
+
+    @property
+    def layers(self) -> set[int]:
+        return set.intersection(*(set(q) for q, _, _ in self.parts)) if self.parts else set()
+
+    @property
+    def count(self) -> int:
+        """Rows per KV head."""
+        return sum((len(index) if index is not None else min(x.shape[1] for x in q.values())) * repeats
+                   for q, index, repeats in self.parts)
+
+    def rows(self, layer: int, head: int) -> torch.Tensor:
+        pieces = []
+        for q, index, repeats in self.parts:
+            x = q[layer][head] if index is None else q[layer][head].index_select(0, index.to(q[layer].device))
+            pieces.append(x.repeat(repeats, 1) if repeats > 1 else x)
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def materialize(self) -> dict[int, torch.Tensor]:
+        """{layer: [kv_heads, n_total, d]}."""
+        return {i: torch.stack([self.rows(i, h) for h in range(next(iter(self.parts))[0][i].shape[0])])
+                for i in sorted(self.layers)}
+
+    def with_share(self, extra: dict[int, torch.Tensor], share: float) -> QueryMix:
+        """These rows plus the rows of `extra` repeated until they are about `share` of all rows (at least once).
+
+        A few dozen rows of a question would otherwise be lost among thousands of re-read rows; repeating them is
+        a weight, both in key selection (RMS attention) and in the least-squares fits."""
+        if not 0 < share < 1:
+            raise ValueError(f"share must be in (0, 1), got {share}")
+        n, m = self.count, min(q.shape[1] for q in extra.values())
+        repeats = max(1, round(share * n / ((1 - share) * m)))
+        return QueryMix(self.parts + [(extra, None, repeats)])
+
+
+def mix(sources: list[tuple[dict[int, torch.Tensor], float]], budget: int | None, seed: int,
+        floor: int = 0) -> QueryMix:
+    """Mix sources in proportion to their weights, at most `budget` rows per KV head in all (random rows of each
+    source, the same in every layer).
 
     If a source has fewer rows than its share, every share shrinks by the same factor, so the mix keeps
     its proportions; if that leaves fewer than `floor` rows, the other sources' spare rows top it up
     (a least-squares fit of t slots needs comfortably more than t queries)."""
     sources = [(q, w) for q, w in sources if q]
     if not sources:
-        return {}
+        return QueryMix([])
     total = sum(w for _, w in sources)
     available = [min(x.shape[1] for x in q.values()) for q, _ in sources]
     wanted = [(budget if budget is not None else sum(available)) * w / total for _, w in sources]
@@ -156,43 +207,45 @@ def combine(sources: list[tuple[dict[int, torch.Tensor], float]], budget: int | 
         extra = max(0, min(short, available[k] - take[k]))
         take[k] += extra
         short -= extra
-    parts = [subsample(q, n, seed + k) for k, ((q, _), n) in enumerate(zip(sources, take, strict=False))]
-    layers = set.intersection(*(set(p) for p in parts))
-    return {i: torch.cat([p[i] for p in parts], dim=1) for i in sorted(layers)}
+    parts = []
+    for k, ((q, _), n, have) in enumerate(zip(sources, take, available, strict=True)):
+        index = None if n >= have else torch.randperm(have, generator=torch.Generator().manual_seed(seed + k))[:n].sort().values
+        parts.append((q, index, 1))
+    return QueryMix(parts)
+
+
+def combine(sources: list[tuple[dict[int, torch.Tensor], float]], budget: int | None, seed: int,
+            floor: int = 0) -> dict[int, torch.Tensor]:
+    """`mix`, materialized: {layer: [kv_heads, n, d]}."""
+    return mix(sources, budget, seed, floor).materialize()
 
 
 def with_share(queries: dict[int, torch.Tensor], extra: dict[int, torch.Tensor],
                share: float) -> dict[int, torch.Tensor]:
-    """`queries` plus the rows of `extra` repeated until they are about `share` of all rows (at least once).
-
-    A few dozen rows of a question would otherwise be lost among thousands of re-read rows; repeating them is
-    a weight, both in key selection (RMS attention) and in the least-squares fits."""
-    if not 0 < share < 1:
-        raise ValueError(f"share must be in (0, 1), got {share}")
-    n = min(q.shape[1] for q in queries.values())
-    m = min(q.shape[1] for q in extra.values())
-    repeats = max(1, round(share * n / ((1 - share) * m)))
-    return {i: torch.cat([q, extra[i].repeat(1, repeats, 1)], dim=1) for i, q in queries.items() if i in extra}
+    """QueryMix.with_share, materialized."""
+    return QueryMix.of(queries).with_share(extra, share).materialize()
 
 
-def repeat_queries(session, context_ids: list[int]) -> dict[int, torch.Tensor]:
+def repeat_queries(session, context_ids: list[int], into: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
     """Repeat-prefill: '<instruction>' as a user turn, then the context as the assistant's answer (read in windows
-    after the instruction when it is longer than the probe slots the budget keeps, see Session.probe)."""
+    after the instruction when it is longer than the probe slots the budget keeps, see Session.probe). `into`: the
+    reservoir's storage (see QueryRecorder)."""
     instruction = _repeat_instruction_ids(session.tokenizer)
-    return session.probe(instruction + list(context_ids), prefix=len(instruction))
+    return session.probe(instruction + list(context_ids), prefix=len(instruction), into=into)
 
 
 class RepeatMemory:
     """Repeat-prefill queries kept between online compactions, so that each compaction re-reads only the text
     added since the previous one (re-reading the whole context costs a prefill of the logical length each time).
 
-    `rows` {layer: [kv_heads, n, d]} (float16) are what a re-read of all of `ids` at logical length `at_len` gives,
-    subsampled to `max_rows` per KV head in proportion to the text each part stands for. Before reuse they are
-    moved to the current length by a RoPE rotation (exact for the position part of a post-RoPE query; the rest of
-    each query still reflects the cache it was read against)."""
+    One buffer {layer: [kv_heads, rows, d]} (16-bit) holds them: at each compaction the kept rows, moved to the
+    current length by a RoPE rotation (exact for the position part of a post-RoPE query; the rest of each query still
+    reflects the cache it was read against) and subsampled to the share of the text they stand for, go to its front;
+    the re-read of the new text fills the rest straight from the probe's reservoir. `rows` are views of what is held."""
 
     def __init__(self, max_rows: int | None):
         self.max_rows = max_rows
+        self.buffer: dict[int, torch.Tensor] = {}
         self.rows: dict[int, torch.Tensor] = {}
         self.ids: list[int] = []
         self.at_len = 0
@@ -201,19 +254,34 @@ class RepeatMemory:
         inv_freq = rope_frequencies(session)
         known = len(self.ids) if inv_freq is not None and context_ids[:len(self.ids)] == self.ids else 0
         now = session.cache.logical_len
-        # the new text is read right after the instruction; a full re-read would put it `known` tokens later
-        fresh = rotate(repeat_queries(session, context_ids[known:]), known, inv_freq)
-        parts = [(fresh, max(1, len(context_ids) - known))]
-        if known:
-            parts.append((rotate(self.rows, now - self.at_len, inv_freq), known))
         most = min(self.max_rows, session.query_rows) if self.max_rows else session.query_rows
-        mixed = combine(parts, most, seed)
-        self.rows = {i: q.to(torch.float16) for i, q in mixed.items()}  # kept between compactions, 16-bit
+        held = min((q.shape[1] for q in self.rows.values()), default=0) if known else 0
+        take_kept = min(held, round(most * known / max(1, len(context_ids))))
+        if not self.buffer or min(b.shape[1] for b in self.buffer.values()) != most:
+            self.buffer = {i: torch.empty(session.cache.kv_heads, most, session.cache.head_dim,
+                                          dtype=query_dtype(session.loaded.dtype), device=session.loaded.device)
+                           for i in session.cache.compactable}
+        if take_kept:  # the kept rows the new mix keeps, rotated to the current length, at the front
+            pick = torch.randperm(held, generator=torch.Generator().manual_seed(seed))[:take_kept].sort().values
+            for i, buffer in self.buffer.items():
+                chosen = self.rows[i].index_select(1, pick.to(buffer.device))
+                buffer[:, :take_kept] = rotate({i: chosen}, now - self.at_len, inv_freq)[i]
+        # the new text, read right after the instruction; a full re-read would put it `known` tokens later
+        fresh = repeat_queries(session, context_ids[known:], into={i: b[:, take_kept:] for i, b in self.buffer.items()})
+        filled = take_kept + min(q.shape[1] for q in fresh.values())
+        for i, buffer in self.buffer.items():
+            buffer[:, take_kept:filled] = rotate({i: buffer[:, take_kept:filled]}, known, inv_freq)[i]
+        self.rows = {i: b[:, :filled] for i, b in self.buffer.items()}
         self.ids, self.at_len = list(context_ids), now
-        return mixed
+        return self.rows
 
     def nbytes(self) -> int:
-        return sum(q.numel() * q.element_size() for q in self.rows.values())
+        return sum(q.numel() * q.element_size() for q in self.buffer.values())
+
+
+def query_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Queries are kept in 16 bits: the model's dtype if it is a 16-bit one, else float16."""
+    return dtype if torch.empty((), dtype=dtype).element_size() == 2 else torch.float16
 
 
 def rope_frequencies(session) -> torch.Tensor | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from agentloop.compaction.queries import combine, repeat_queries, self_study_queries, with_share
+from agentloop.compaction.queries import QueryMix, mix, repeat_queries, self_study_queries
 from agentloop.compaction.solver import CHUNK_BYTES, SINKS, STAGES, compact, default_chunk_bytes, row_max_lse
 
 QuerySources = tuple[tuple[str, float], ...]
@@ -91,6 +91,12 @@ def reference_queries(session, sources: QuerySources, context_ids: list[int] | N
     """Collect and mix the named query sources: {layer: [kv_heads, n, head_dim]}.
 
     `memo` maps a source name to queries already collected for this context (filled as sources are run)."""
+    return query_mix(session, sources, context_ids, max_queries, seed, memo, min_rows).materialize()
+
+
+def query_mix(session, sources: QuerySources, context_ids: list[int] | None, max_queries: int | None,
+              seed: int, memo: dict[str, dict] | None = None, min_rows: int = 0) -> QueryMix:
+    """reference_queries, unmaterialized (the rows are read per head when the solver needs them)."""
     memo = {} if memo is None else memo
     collected = []
     for source, weight in sources:
@@ -114,7 +120,7 @@ def reference_queries(session, sources: QuerySources, context_ids: list[int] | N
             raise ValueError(f"unknown query source {source!r}")
         memo[source] = queries
         collected.append((queries, weight))
-    return combine(collected, max_queries, seed, floor=min_rows)
+    return mix(collected, max_queries, seed, floor=min_rows)
 
 
 @torch.inference_mode()
@@ -159,23 +165,25 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     tic = time.perf_counter()
     sources = named.queries if sources is None else sources
     try:
-        if queries is None and sources and fallback is None:
+        if queries is not None:
+            queries = QueryMix.of(queries)
+        elif sources and fallback is None:
             memo = {} if memo is None else memo
-            queries = reference_queries(session, sources, context_ids, max_queries, seed, memo,
-                                        min_rows=QUERIES_PER_SLOT * int(slots.max()))
+            queries = query_mix(session, sources, context_ids, max_queries, seed, memo,
+                                min_rows=QUERIES_PER_SLOT * int(slots.max()))
             if task_ids:
                 if "task" not in memo:
                     memo["task"] = session.probe(list(task_ids), generate=TASK_DRAFT, temperature=0.0)
-                queries = with_share(queries, memo["task"], task_share)
+                queries = queries.with_share(memo["task"], task_share)
     except (RuntimeError, torch.OutOfMemoryError) as exc:  # a probe that failed: nothing of the cache changed
         fallback, queries = f"reading the queries failed ({_first_line(exc)})", None
     seconds = {"queries": time.perf_counter() - tic}
 
     scale = session.model.model.layers[layers[0]].self_attn.scaling
-    rows = next(iter(queries.values())).shape[1] if queries else STATS_QUERIES
+    rows = queries.count if queries else STATS_QUERIES
     scratch = scratch_bytes or session.budget.fit_bytes or CHUNK_BYTES
     if chunk is None and fallback is None:  # a span too long for one head's matrices is fitted in key chunks
-        chunk = _part_length(rows, span_len, int(slots.max()), scratch)
+        chunk = _part_length(rows, span_len, int(slots.max()), scratch, cache.head_dim)
     bounds = _chunks(span_len, chunk)
     # slots of each part per head: each head's budget shared out in proportion to the parts
     part_slots = [slots if len(bounds) == 1 else (slots.double() * (hi - lo) / span_len).round().long().clamp(1, hi - lo)
@@ -255,15 +263,15 @@ def _head_bytes(rows: int, span: int, kept: int, head_dim: int = 128) -> int:
     return 4 * ((2 * span + rows) * head_dim + 2 * rows * span + 3 * rows * kept + 4 * kept * kept)
 
 
-def _part_length(rows: int, span: int, kept: int, scratch: int) -> int | None:
+def _part_length(rows: int, span: int, kept: int, scratch: int, head_dim: int) -> int | None:
     """The longest key chunk whose one-head scratch fits `scratch` (None: the whole span fits)."""
-    if _head_bytes(rows, span, kept) <= scratch:
+    if _head_bytes(rows, span, kept, head_dim) <= scratch:
         return None
     ratio = kept / span
     lo, hi = min(16, span), span
     while lo < hi:  # the longest chunk that fits, by bisection
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if _head_bytes(rows, mid, max(1, round(mid * ratio))) <= scratch else (lo, mid - 1)
+        lo, hi = (mid, hi) if _head_bytes(rows, mid, max(1, round(mid * ratio)), head_dim) <= scratch else (lo, mid - 1)
     return lo
 
 
@@ -288,8 +296,8 @@ def _compact_heads(session, rows_, start, end, bounds, part_slots, queries, name
     error, mass error [h], stage seconds)."""
     cache, layers, heads = session.cache, session.cache.compactable, session.cache.kv_heads
     K, V, beta = _stacked(cache, layers, heads, rows_, start, end)
-    if queries is not None:
-        Q = torch.stack([queries[layers[r // heads]][r % heads] for r in rows_]).to(K.device).float()
+    if queries:
+        Q = torch.stack([queries.rows(layers[r // heads], r % heads) for r in rows_]).to(K.device).float()
     else:  # query-free methods: the solver ignores queries except for statistics; use some of the keys themselves
         picked = torch.randperm(end - start, generator=torch.Generator().manual_seed(seed))[:STATS_QUERIES].sort().values
         Q = K[:, picked.to(K.device)]
