@@ -229,17 +229,18 @@ class Session:
         for k, (offset, piece) in enumerate(windows):
             snapshot = self.cache.snapshot()
             try:
-                position, logits = first, None
-                for part, at in ((head, first), (piece, first + prefix + offset)):
-                    for i in range(0, len(part), self.prefill_chunk):
-                        chunk = part[i:i + self.prefill_chunk]
-                        logits = self._step(chunk, recorder, position=at + i)
-                        position = at + i + len(chunk)
+                # one forward per chunk of the window; the piece sits where a single read would put it
+                ids_, positions = head + piece, list(range(first, first + prefix)) + list(
+                    range(first + prefix + offset, first + prefix + offset + len(piece)))
+                for i in range(0, len(ids_), self.prefill_chunk):
+                    logits = self._step(ids_[i:i + self.prefill_chunk], recorder,
+                                        positions=positions[i:i + self.prefill_chunk])
+                position = positions[-1] + 1
                 for _ in range(generate if k == len(windows) - 1 else 0):
                     token = sample(logits, settings, generator, self.token_ids)
                     if token in eos:  # what follows the end of the turn is not an answer about the context
                         break
-                    logits = self._step([token], recorder, position=position)
+                    logits = self._step([token], recorder, positions=[position])
                     position += 1
             finally:
                 self.cache.restore(snapshot)
@@ -247,13 +248,16 @@ class Session:
 
     @torch.inference_mode()
     def _step(self, ids: list[int], recorder: QueryRecorder | None = None, every_position: bool = False,
-              position: int | None = None) -> torch.Tensor:
-        """One forward of `ids` after the cache, at logical positions (from `position`, default the logical length):
-        fp32 logits of the last position [vocab], or of every position [len(ids), vocab]."""
-        first = self.cache.logical_len if position is None else position
+              positions: list[int] | None = None) -> torch.Tensor:
+        """One forward of `ids` after the cache, at logical positions (`positions`, default the next ones after the
+        logical length): fp32 logits of the last position [vocab], or of every position [len(ids), vocab]."""
         device = self.loaded.device
         input_ids = torch.tensor([ids], device=device)
-        positions = torch.arange(first, first + len(ids), device=device)[None]
+        if positions is None:
+            first = self.cache.logical_len
+            positions = torch.arange(first, first + len(ids), device=device)[None]
+        else:
+            positions = torch.tensor([positions], device=device)
         with sdpa_backends(device):
             out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=self.cache,
                              use_cache=True, beta_cache=self.cache, query_recorder=recorder,
