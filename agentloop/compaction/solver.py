@@ -417,6 +417,9 @@ class Method:
     drop_below: float | None = -7.0
     max_rounds: int = 3
     ridge: float = 0.0  # value fit
+    # one Gram for both fits (see _fit_one_gram): True, False, or None = when the t×t Gram dominates the work
+    # (t² ≥ T·d) and the span is fitted whole
+    one_gram: bool | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -509,6 +512,14 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, sca
     slot_unbiasing = unbiasing.gather(1, idx) * real  # [h, t], 0 on padding slots
     lap("selection")
 
+    one_gram = method.one_gram if method.one_gram is not None else t * t >= K.shape[1] * K.shape[2]
+    if method.fit and method.selector != "omp" and one_gram and span is None and not method.ridge:
+        beta, values, compact_out = _fit_one_gram(E, mass, idx, slot_unbiasing, ref_out, rowmax, method, lap)
+        values = values.masked_fill(~real[..., None], 0.0)
+        output_error, mass_error = _errors(*compact_out, ref_out, ref_lse)
+        lap("stats")
+        return keys, beta, values, idx, output_error, mass_error
+
     if not method.fit:
         beta = bias.gather(1, idx) if bias is not None else torch.zeros(idx.shape, device=K.device)
         beta = beta.masked_fill(~real, -math.inf)
@@ -532,6 +543,28 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, sca
     output_error, mass_error = _errors(*compact_out, ref_out, ref_lse)
     lap("stats")
     return keys, beta, values, idx, output_error, mass_error
+
+
+def _fit_one_gram(E: Tensor, mass: Tensor, idx: Tensor, slot_unbiasing: Tensor, ref_out: Tensor, rowmax: Tensor,
+                  method: Method, lap) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """β and values from one Gram matrix G = Rᵀ R of the relative design R = E[:, idx] · exp(−bias) / mass.
+
+    β: the bounded LS fit of each query's mass *ratio* (Σ_j R_qj w_j ≈ 1: every query weighs alike, instead of in
+    proportion to its mass). Values: the least squares of the outputs with each query weighted by (D_q / mass_q)²,
+    D_q = Σ_j M_qj w_j its compact mass (≈ 1 once β fits). Then the value system is W G W, W = diag(w), and its
+    right-hand side W Rᵀ (D/mass ⊙ Y): the second t×t Gram, the dominant cost at low ratios, is never formed.
+    Returns (β [h, t], values [h, t, dv], the compact block's (outputs, lse) on the fitting queries)."""
+    R = _columns(E, idx).mul_(slot_unbiasing[:, None, :]).div_(mass[..., None])  # [h, n, t]
+    gram = R.mT @ R  # [h, t, t]
+    w = _bounded_solve(gram, R.sum(1), *_weight_bounds(method.lo, method.hi), method.pgd_iters, method.active_set_iters)
+    beta = _to_beta(w, slot_unbiasing)
+    lap("beta")
+    ratio = (R @ w[..., None])[..., 0].clamp_min(torch.finfo(R.dtype).tiny)  # D / mass: [h, n]
+    rhs = w[..., None] * (R.mT @ (ref_out * ratio[..., None]))  # [h, t, dv]
+    values = _solve_spd(w[:, :, None] * gram * w[:, None, :], rhs)
+    lap("values")
+    out = torch.bmm(R.mul_(w[:, None, :]), values) / ratio[..., None]  # softmax over the compact block, times values
+    return beta, values, (out, rowmax + (ratio * mass).log())
 
 
 def _ranked_keys(E: Tensor, mass: Tensor, t: int, method: Method) -> Tensor:
