@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trace", help="JSONL trace path (overrides the task)")
     run.add_argument("--max-steps", type=int, help="agent tasks: model replies before the run stops (overrides the task)")
     run.add_argument("--workspace", help="agent tasks: folder the tools work in (overrides the task)")
+    run.add_argument("--no-cuda-graph", action="store_true",
+                     help="decode eagerly on a GPU (default: the one-token step is captured in a CUDA graph)")
     out = run.add_mutually_exclusive_group()
     out.add_argument("--quiet", action="store_true", help="print only the generated text")
     out.add_argument("--json", action="store_true", help="print events as JSON lines on stdout")
@@ -38,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="show a model's KV geometry and bytes per token")
     info.add_argument("model", nargs="?", default=None, help="model id, directory, .gguf file or alias")
     info.add_argument("--dtype", default="auto")
-    info.add_argument("--mem-cap", help="also show what this cap means in tokens")
+    info.add_argument("--mem-cap", help="also show how this cap is split between the cache and the scratch")
+    info.add_argument("--policy", default="am", help="memory policy the split is for (default am)")
 
     evals = sub.add_parser("eval", help="run a benchmark or eval from evals/", add_help=False)
     evals.add_argument("name", nargs="?", help="eval name (omit to list them)")
@@ -70,9 +73,10 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def describe_memory(config, dtype, cap) -> str:
+def describe_memory(config, dtype, cap, policy=None) -> str:
+    """The KV geometry, and with a cap how the budget splits (agentloop.budget) for `policy`."""
+    from agentloop.budget import plan
     from agentloop.cache import bytes_per_token, kv_geometry
-    from agentloop.memcap import format_bytes
 
     full, sliding, kv_heads, head_dim, window = kv_geometry(config)
     per_token = bytes_per_token(config, dtype, with_beta=False)
@@ -82,12 +86,7 @@ def describe_memory(config, dtype, cap) -> str:
     if sliding:
         line += f"; {sliding} sliding-window layers (window {window}) held at most at their window"
     if cap is not None:
-        cap_bytes = cap.to_bytes(config, dtype)
-        if cap.unit == "tokens":
-            line += f"\ncap {cap}: {cap.value:,} cache slots = {format_bytes(cap_bytes)}"
-        else:
-            line += (f"\ncap {cap}: {format_bytes(cap_bytes)} = {cap_bytes // per_token:,} cache slots "
-                     f"({cap_bytes // with_beta:,} once every slot carries β)")
+        line += f"\ncap {cap}: {plan(config, dtype, cap, policy).describe()}"
     return line
 
 
@@ -101,7 +100,10 @@ def cmd_info(args) -> int:
     params = sum(p.numel() for p in loaded.model.parameters())
     print(f"model {loaded.name} ({config.model_type}, {params / 1e6:.1f}M params, {loaded.dtype}, {loaded.device})")
     print(f"source {loaded.source}")
-    print(describe_memory(config, loaded.dtype, parse_mem_cap(args.mem_cap) if args.mem_cap else None))
+    from agentloop.policies import make_policy
+
+    policy = make_policy(args.policy)
+    print(describe_memory(config, loaded.dtype, parse_mem_cap(args.mem_cap) if args.mem_cap else None, policy))
     return 0
 
 
@@ -150,7 +152,7 @@ def cmd_run(args) -> int:
     loaded = load_model(task.model, dtype=task.dtype, device=task.device)
     chat = task.chat()
     prompt = encode_messages(loaded.tokenizer, chat) if chat is not None else encode_text(loaded.tokenizer, task.prompt)
-    session = Session(loaded, cap=cap, policy=policy)
+    session = Session(loaded, cap=cap, policy=policy, decode="eager" if args.no_cuda_graph else "auto")
     trace_path = task.trace or f".agentloop/traces/{task.name or 'task'}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     chatty = not (args.json or args.quiet)
 
@@ -162,7 +164,7 @@ def cmd_run(args) -> int:
             for event in _events(session, prompt, task.generation):
                 trace.write(event)
                 if event.kind == "prefill" and chatty:  # the prompt fits: describe the run, start the view
-                    console.print(describe_memory(loaded.model.config, loaded.dtype, cap))
+                    console.print(describe_memory(loaded.model.config, loaded.dtype, cap, policy))
                     console.print(f"policy {policy.name}; prompt {len(prompt)} tokens; trace {trace_path}")
                     if console.is_terminal:
                         view = LiveView(console, f"{task.name} · {loaded.name} · {policy.name}",
@@ -212,7 +214,7 @@ def cmd_agent(task, args) -> int:
     chatty = not (args.json or args.quiet)
     if chatty:
         cap = parse_mem_cap(task.memory.cap) if task.memory.cap else None
-        console.print(describe_memory(agent.loaded.model.config, agent.loaded.dtype, cap))
+        console.print(describe_memory(agent.loaded.model.config, agent.loaded.dtype, cap, agent.session.policy))
         ingest = task.memory.ingest
         console.print(f"agent: tools {', '.join(t.name for t in agent.tools)}; workspace {agent.workspace}; policy "
                       f"{agent.session.policy.name}; ingestion "

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from agentloop import Event, GenerationSettings, LoadedModel, MemCap, Session, parse_mem_cap
-from agentloop.cache import slots_to_bytes
+from agentloop.budget import plan
 from agentloop.chat import encode_messages
 from agentloop.errors import AgentloopError
 from agentloop.policies import MemoryPolicy, make_policy
@@ -83,14 +83,13 @@ def sampling(model: torch.nn.Module, greedy: bool) -> dict:
     return {"temperature": config.temperature, "top_p": config.top_p or 1.0, "top_k": config.top_k or 0}
 
 
-def thinking_cap(cap: MemCap, reserve: int, loaded: LoadedModel | None) -> MemCap:
-    """`cap` less `reserve` slots (priced as slots_to_bytes does, so never less than they cost): room kept
-    free while the model thinks, so that the answer phase fits under the full cap."""
-    held = reserve if cap.unit == "tokens" else slots_to_bytes(loaded.model.config, loaded.dtype, reserve)
-    if cap.value <= held:
-        raise AgentloopError(f"--mem-cap {cap} leaves no room to think: the answer phase alone needs {reserve} "
-                             f"slots; raise --mem-cap")
-    return MemCap(value=cap.value - held, unit=cap.unit, text=f"{cap} - {reserve} slots")
+def thinking_slots(cache_slots: int, reserve: int) -> int:
+    """The budget's cache slots less `reserve`: room kept free while the model thinks, so that the answer phase
+    fits under the full cap."""
+    if cache_slots <= reserve:
+        raise AgentloopError(f"--mem-cap leaves no room to think: the answer phase alone needs {reserve} slots and the "
+                             f"cap gives the cache {cache_slots}; raise --mem-cap")
+    return cache_slots - reserve
 
 
 def _drain(events: Iterable[Event], peak: int) -> tuple[Event | None, int]:
@@ -105,12 +104,13 @@ def solve(loaded: LoadedModel, prompt_ids: list[int], forced_ids: list[int], cap
           policy: MemoryPolicy, settings: GenerationSettings) -> dict:
     """Think under the cap less the answer's room, then answer (forced if need be) under the full cap."""
     reserve = len(forced_ids) + ANSWER_TOKENS
-    session = Session(loaded, thinking_cap(cap, reserve, loaded) if cap is not None else None, policy, PREFILL_CHUNK)
+    session = Session(loaded, cap, policy, PREFILL_CHUNK)
+    if cap is not None:
+        session.set_slot_limit(thinking_slots(session.budget.cache_slots, reserve))
     _, peak = _drain(session.feed(prompt_ids), 0)
     stop, peak = _drain(session.generate(settings), peak)
     if cap is not None:  # give the answer phase the room kept free
-        session.cap_bytes = cap.to_bytes(loaded.model.config, loaded.dtype)
-        session.cap_slots = cap.value if cap.unit == "tokens" else None
+        session.set_slot_limit(None)
     text, new_tokens = stop.text, stop.new_tokens
     answered = stop.reason == "eos" and parse_answer(text) is not None
     forced = stop.reason != "stop_string" and not answered
@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = load_eval_model(args.model)
     forced_ids = [int(i) for i in loaded.tokenizer(FORCED_PREFIX, add_special_tokens=False)["input_ids"]]
-    if cap is not None:
-        thinking_cap(cap, len(forced_ids) + ANSWER_TOKENS, loaded)  # a cap too small fails before files are written
+    if cap is not None:  # a cap too small fails before files are written
+        budget = plan(loaded.model.config, loaded.dtype, cap, make_policy(args.policy, **options))
+        thinking_slots(budget.cache_slots, len(forced_ids) + ANSWER_TOKENS)
     sample_options = sampling(loaded.model, args.greedy)
     print(f"aime: {len(problems)} problems x {args.samples} samples, {loaded.name}, cap {cap or 'none'}, "
           f"policy {' '.join([args.policy, *(f'{k}={v}' for k, v in options.items())])}, sampling {sample_options}",

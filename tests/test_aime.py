@@ -10,7 +10,6 @@ from agentloop.assets import cache_dir
 from agentloop.errors import AgentloopError
 from agentloop.evals import aime
 from agentloop.evals.aime import FORCED_PREFIX, parse_answer
-from agentloop.memcap import parse_mem_cap
 
 PROBLEMS = [  # the first rambles past the cap (compactions, then a forced answer); the second ends itself
     {"problem": "Find the sum of all integer bases $b>9$ for which $17_b$ is a divisor of $97_b.$", "answer": "70"},
@@ -48,7 +47,7 @@ def test_bad_jsonl_line_is_a_clear_error(tmp_path, line, match):
 
 def test_cap_without_room_to_think_is_a_clear_error():
     with pytest.raises(AgentloopError, match="leaves no room to think"):
-        aime.thinking_cap(parse_mem_cap("30tok"), 33, loaded=None)
+        aime.thinking_slots(30, 33)
 
 
 def test_capped_run_compacts_forces_answers_and_writes_results(tmp_path, smollm2, capsys):
