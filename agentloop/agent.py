@@ -163,7 +163,8 @@ class Agent:
             if self.workspace is None:
                 self.workspace = Path(".agentloop/workspaces") / f"{self.spec.name or 'agent'}-{time.strftime('%Y%m%d-%H%M%S')}"
                 self.workspace.mkdir(parents=True, exist_ok=True)
-            self.tools = make_tools(list(self.spec.tools), self.workspace, self.spec.tools)
+            self.tools = make_tools(list(self.spec.tools), self.workspace, self.spec.tools,
+                                    allow_broad_workspace=self.spec.allow_broad_workspace)
         memory = self.spec.memory
         policy = make_policy(memory.policy, **memory.policy_options())
         self.loaded = loaded or load_model(self.spec.model, dtype=self.spec.dtype, device=self.spec.device)

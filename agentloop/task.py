@@ -169,6 +169,8 @@ class TaskSpec(BaseModel):
                                              description="built-in tools: a list of names, or a mapping name: settings")
     workspace: str | None = Field(None, description="folder the tools work in (relative to the task file); "
                                                     "default a new .agentloop/workspaces/<name>-<time>")
+    allow_broad_workspace: bool = Field(False, description="let the workspace be /, hold the home folder, the current "
+                                        "folder or agentloop's own files (refused by default)")
     max_steps: int = Field(10, ge=1, description="model replies per task before the run stops")
     stop_on: list[str] = Field(default_factory=list, description="stop the run when a reply contains one of these")
     tool_timeout_s: float | None = Field(None, gt=0, description="wait at most this long for a tool; default: its own")
