@@ -127,7 +127,7 @@ class FinishEvent(_Event):
     """The agent run ended."""
 
     kind: Literal["finish"] = "finish"
-    reason: Literal["final_answer", "max_steps", "stop_condition", "mem_cap", "error", "cancelled"]
+    reason: Literal["final_answer", "max_steps", "stop_condition", "mem_cap", "error", "cancelled", "terminated"]
     error: bool = False
     message: str = ""
     answer: str = Field(description="the final reply without tool-call markup ('' unless reason is final_answer)")
