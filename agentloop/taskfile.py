@@ -33,9 +33,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def read_task_file(path: str | Path) -> dict[str, Any]:
     """The task file's fields as a mapping (`name` defaults to the file's stem); AgentloopError if unreadable."""
-    path = Path(path)
     if not str(path).strip():
         raise AgentloopError("the task file name is empty; give the path of a task.yaml")
+    path = Path(path)
     if path.is_dir():
         raise AgentloopError(f"task file {path} is a directory; give the path of a task.yaml file in it")
     if not path.is_file():

@@ -44,8 +44,6 @@ def _finite(value: Any) -> Any:
 
 def _open_exclusive(path: Path) -> tuple[int, Path]:
     """(fd, path) of a new file at `path` or, if that exists, at the first free `<stem>-N<suffix>`."""
-    if not str(path).strip():
-        raise AgentloopError("the trace path is empty; give a file name such as runs/trace.jsonl")
     if path.is_dir():
         raise AgentloopError(f"trace path {path} is a directory; give a file name, e.g. {path / 'trace.jsonl'}")
     try:
@@ -59,7 +57,7 @@ def _open_exclusive(path: Path) -> tuple[int, Path]:
                 continue
     except OSError as exc:
         why = exc.strerror or str(exc)
-        if exc.errno == errno.ENOTDIR:
+        if exc.errno in (errno.ENOTDIR, errno.EEXIST):
             why = "a part of the path is a file, not a folder"
         raise AgentloopError(f"cannot write the trace at {path} ({why}); give another --trace") from None
     raise AgentloopError(f"{path} and {MAX_RENAMES - 1} numbered variants exist; give another --trace")
@@ -67,6 +65,8 @@ def _open_exclusive(path: Path) -> tuple[int, Path]:
 
 class JsonlTrace:
     def __init__(self, path: str | Path, final_kind: str = "stop", opening: dict[str, Any] | None = None):
+        if not str(path).strip():
+            raise AgentloopError("the trace path is empty; give a file name such as runs/trace.jsonl")
         self.requested = Path(path)
         self._fd, self.path = _open_exclusive(self.requested)
         self.renamed = self.path != self.requested
