@@ -1,42 +1,19 @@
 """Bad input, as a user types it: every case is one line on stderr naming the problem, exit code 2, no traceback.
 
-The cases run through the real entry point `agentloop.cli.main` in ONE subprocess (a harness that calls it once
-per case with stderr captured, so a traceback or an exception escaping main is caught as such), because a
-process per case would pay the torch import each time; a few cases that need their own environment run as
-their own process.
+The cases run through the real entry point `agentloop.cli.main` in ONE subprocess (the `cli_batch` harness of
+conftest.py calls it once per case with stderr captured, so a traceback or an exception escaping main is caught
+as such), because a process per case would pay the torch import each time.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-
-from agentloop.assets import cache_dir
-
-HARNESS = r'''
-import contextlib, io, json, sys, traceback
-from agentloop.cli import main
-
-results = []
-for argv in json.loads(sys.stdin.read()):
-    err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            code = main(argv)
-        except SystemExit as exc:
-            code = exc.code
-        except BaseException:
-            traceback.print_exc()
-            code = "escaped"
-    results.append({"argv": argv, "code": code, "stderr": err.getvalue()})
-print(json.dumps(results))
-'''
 
 GOOD = """
     model: smollm2-135m
@@ -187,20 +164,12 @@ def _cases(tmp: Path) -> list[tuple[list[str], list[str]]]:
     ]
 
 
-def _run_harness(tmp_path: Path, argvs: list[list[str]], env_extra: dict | None = None) -> list[dict]:
-    env = {**os.environ, "HOME": str(tmp_path / "home"), "AGENTLOOP_CACHE": str(cache_dir()), **(env_extra or {})}
-    done = subprocess.run([sys.executable, "-c", HARNESS], input=json.dumps(argvs), capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
-
-
-def test_bad_input_battery(tmp_path):
+def test_bad_input_battery(tmp_path, cli_batch):
     cases = _cases(tmp_path)
     assert len(cases) >= 60
-    results = _run_harness(tmp_path, [argv for argv, _ in cases])
+    results = cli_batch([argv for argv, _ in cases], tmp_path, {"HOME": str(tmp_path / "home")})
     failures = []
-    for (argv, needles), result in zip(cases, results):
+    for (argv, needles), result in zip(cases, results, strict=True):
         lines = result["stderr"].strip().splitlines()
         line = lines[0] if lines else ""
         problems = []
@@ -223,7 +192,7 @@ def test_bad_input_battery(tmp_path):
     assert "too small" in records[-1]["message"]
 
 
-def test_the_python_tool_refuses_one_line_without_bubblewrap(tmp_path):
+def test_the_python_tool_refuses_one_line_without_bubblewrap(tmp_path, cli_batch):
     body = AGENT.replace("tools: [list_dir]", "tools: [python]")
     task = tmp_path / "agent.yaml"
     task.write_text(textwrap.dedent(body))
@@ -231,8 +200,7 @@ def test_the_python_tool_refuses_one_line_without_bubblewrap(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(sys.executable)
     (tmp_path / "ws").mkdir()
-    results = _run_harness(tmp_path, [["run", str(task), "--workspace", str(tmp_path / "ws")]],
-                           {"PATH": str(bin_dir)})
+    results = cli_batch([["run", str(task), "--workspace", str(tmp_path / "ws")]], tmp_path, {"PATH": str(bin_dir)})
     lines = results[0]["stderr"].strip().splitlines()
     assert results[0]["code"] == 2 and len(lines) == 1, results[0]
     assert "bubblewrap (bwrap) is not installed" in lines[0] and "unsafe: true" in lines[0]

@@ -183,15 +183,15 @@ def test_sigterm(tmp_path):
 
 def test_concurrent_runs_on_one_path(tmp_path):
     trace = tmp_path / "same.jsonl"
-    processes = [start(tmp_path, trace, tokens=4) for _ in range(3)]
+    processes = [start(tmp_path, trace, tokens=4) for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in processes]
-    assert [p.returncode for p in processes] == [0, 0, 0], outputs
+    assert [p.returncode for p in processes] == [0, 0], outputs
     files = sorted(tmp_path.glob("same*.jsonl"))
-    assert [f.name for f in files] == ["same-2.jsonl", "same-3.jsonl", "same.jsonl"]
+    assert [f.name for f in files] == ["same-2.jsonl", "same.jsonl"]
     for f in files:
         records = read_trace(f)
         assert [r["kind"] for r in records].count("run") == 1 and records[0]["kind"] == "run"
         assert records[-1]["kind"] == "stop" and records[-1]["reason"] == "max_new_tokens"
         assert sum(r["kind"] == "token" for r in records) == 4
     notes = [err for _, err in outputs if "exists; writing this run's trace to" in err]
-    assert len(notes) == 2 and all(str(trace) in note for note in notes)
+    assert len(notes) == 1 and str(trace) in notes[0]
