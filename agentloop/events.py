@@ -57,7 +57,8 @@ class PolicyEvent(_Event):
 
 class StopEvent(_Event):
     kind: Literal["stop"] = "stop"
-    reason: Literal["eos", "stop_string", "max_new_tokens", "mem_cap", "cancelled"]
+    # the loop's own reasons; a trace's last `stop` may also say `terminated` (SIGTERM) or `error` (agentloop/trace.py)
+    reason: Literal["eos", "stop_string", "max_new_tokens", "mem_cap", "cancelled", "terminated", "error"]
     error: bool = False
     message: str = ""
     text: str

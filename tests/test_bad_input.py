@@ -80,6 +80,8 @@ def _cases(tmp: Path) -> list[tuple[list[str], list[str]]]:
         (["eval", "nonsense"], ["unknown eval 'nonsense'", "passkey"]),
         (["run", changed("cap: 64MB, policy: streaming, options: {sink: 4}", "cap: 8tok, policy: am")],
          ["too small", "raise --mem-cap"]),
+        (["run", changed("cap: 64MB, policy: streaming, options: {sink: 4}", "cap: 8tok, policy: none")],
+         ["too small", "--mem-cap", "a policy that frees room"]),
         # ---- numbers out of range
         (["run", good, "--max-new-tokens", "0"], ["generation.max_new_tokens", "greater than or equal to 1"]),
         (["run", good, "--max-new-tokens", "-1"], ["generation.max_new_tokens"]),
@@ -142,6 +144,13 @@ def _cases(tmp: Path) -> list[tuple[list[str], list[str]]]:
         (["run", changed("memory: {cap: 64MB, policy: streaming, options: {sink: 4}}", "memory: 5")], ["memory"]),
         (["run", changed("options: {sink: 4}", "options: {window: 4}")], ["no option 'window'", "sink"]),
         (["run", changed("tools: [list_dir]", "tools: {shell: {}}", AGENT)], ["shell tool is off", "enabled: true"]),
+        (["run", good, "--policy", "magic"], ["unknown policy 'magic'", "streaming"]),
+        (["run", changed("policy: streaming", "policy: evict-all")], ["memory.policy", "evict-all"]),
+        (["run", changed("model: smollm2-135m", "model: smollm2-135m\n    temprature: 0.3")], ["unknown field `temprature`"]),
+        (["run", changed("max_new_tokens: 4", "max_new_tokens: 4, nucleus: 0.9")], ["generation.nucleus"]),
+        (["run", changed("tools: [list_dir]", "tools: [list_dir, browser]", AGENT)], ["field `tools`", "browser"]),
+        (["run", changed("max_steps: 1", "max_steps: 1\n    memory: {policy: streaming, ratio: 0.5}", AGENT)],
+         ["memory.ratio", "am, h2o, snapkv"]),
         # ---- duplicate keys
         (["run", changed("generation: {max_new_tokens: 4}", "generation:\n      max_new_tokens: 4\n      "
                                                            "max_new_tokens: 8")], ["max_new_tokens", "appears twice"]),
@@ -183,13 +192,14 @@ def test_bad_input_battery(tmp_path, cli_batch):
         if problems:
             failures.append(f"{argv}: {', '.join(problems)}\n    {result['stderr'].strip()[:600]}")
     assert not failures, f"{len(failures)} of {len(cases)} cases broke the promise:\n" + "\n".join(failures)
-    # bad input found before a run starts leaves no trace; the one run that started (the cap too small for the
-    # prompt is found by the loop) has a trace that says why it ended
+    # bad input found before a run starts leaves no trace; the two runs that started (a cap too small for the
+    # prompt is found by the loop) have traces that say why they ended
     traces = sorted((tmp_path / ".agentloop" / "traces").glob("*.jsonl"))
-    assert len(traces) == 1
-    records = [json.loads(line) for line in traces[0].read_text().splitlines()]
-    assert records[0]["kind"] == "run" and records[-1]["kind"] == "stop" and records[-1]["reason"] == "error"
-    assert "too small" in records[-1]["message"]
+    assert len(traces) == 2
+    for trace in traces:
+        records = [json.loads(line) for line in trace.read_text().splitlines()]
+        assert records[0]["kind"] == "run" and records[-1]["kind"] == "stop" and records[-1]["reason"] == "error"
+        assert "too small" in records[-1]["message"]
 
 
 def test_the_python_tool_refuses_one_line_without_bubblewrap(tmp_path, cli_batch):

@@ -102,8 +102,8 @@ def main():
     status = {"returncode": None, "problem": None}
     workspace = header["workspace"]
     try:
-        with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
-            tar.extractall(workspace, filter="tar")
+        with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:  # from agentloop: trusted
+            tar.extractall(workspace, **({"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}))
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG):
             status["problem"] = "the workspace does not fit in the disk limit (disk_mb); remove files or raise it"
@@ -308,7 +308,8 @@ def _finish(workspace: str, result: _FileSink, finished: bool, sent: set[str], l
         setup = next((w for w in why if w.startswith("bwrap:")), None)
         if setup:
             return None, f"the sandbox failed to start ({setup})"
-        return None, "the sandbox's supervisor was killed; the call's changes to the workspace were discarded"
+        return None, ("the sandbox's supervisor stopped without reporting (killed, or see stderr); the call's "
+                      "changes to the workspace were discarded")
     if problem is not None:
         return returncode, problem
     try:
