@@ -240,3 +240,21 @@ def test_a_policy_flag_replaces_the_files_options(flag):
     assert memory.policy == flag.split()[1] and memory.options == {}
     same = build_parser().parse_args(["run", "t.yaml", "--policy", "streaming"])
     assert validate_task(_apply_overrides(fields, same)).memory.options == {"sink": 4}  # same policy: kept
+
+
+def test_eval_results_go_to_the_working_directory_or_out(tmp_path, monkeypatch):
+    import agentloop.evals as evals
+
+    package_results = Path(evals.__file__).parent / "results"
+    monkeypatch.setattr(evals, "_OUT", None)  # restored afterwards, with whatever --out set
+    monkeypatch.chdir(tmp_path)
+    parser = evals.EvalParser(prog="agentloop eval demo")
+    evals.add_output_options(parser, "demo")
+    parser.parse_args([])
+    assert evals.results_dir() == tmp_path / "evals" / "results" and (tmp_path / "evals" / "results").is_dir()
+    evals.write_results("demo", {"x": 1}, "# demo")
+    assert (tmp_path / "evals" / "results" / "demo.json").is_file() and not (package_results / "demo.json").exists()
+    parser.parse_args(["--out", str(tmp_path / "mine")])
+    evals.write_results("demo", {"x": 2}, "# demo")
+    assert json.loads((tmp_path / "mine" / "demo.json").read_text()) == {"x": 2}
+    parser.parse_args(["--no-write", "--out", "/proc/nowhere"])  # nothing will be written: not checked
