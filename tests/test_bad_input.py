@@ -81,7 +81,7 @@ def _cases(tmp: Path) -> list[tuple[list[str], list[str]]]:
         (["run", changed("cap: 64MB, policy: streaming, options: {sink: 4}", "cap: 8tok, policy: am")],
          ["too small", "raise --mem-cap"]),
         (["run", changed("cap: 64MB, policy: streaming, options: {sink: 4}", "cap: 8tok, policy: none")],
-         ["too small", "--mem-cap", "a policy that frees room"]),
+         ["too small", "--mem-cap", "compacting policy"]),
         # ---- numbers out of range
         (["run", good, "--max-new-tokens", "0"], ["generation.max_new_tokens", "greater than or equal to 1"]),
         (["run", good, "--max-new-tokens", "-1"], ["generation.max_new_tokens"]),
