@@ -161,7 +161,7 @@ def cmd_run(args) -> int:
     """Read the task file (quick), claim the trace, then validate, load and run; the trace ends with a final record
     however the run ends (bad input found before it started removes the trace instead)."""
     from agentloop.taskfile import read_task_file
-    from agentloop.trace import JsonlTrace
+    from agentloop.trace import open_trace
 
     fields = _apply_overrides(read_task_file(args.task), args)
     name = fields["name"] if isinstance(fields.get("name"), str) and fields["name"].strip() else "task"
@@ -169,7 +169,7 @@ def cmd_run(args) -> int:
     if not isinstance(trace_path, str):
         trace_path = f".agentloop/traces/{name.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     agent = bool(fields.get("tools"))
-    with JsonlTrace(trace_path, final_kind="finish" if agent else "stop",
+    with open_trace(trace_path, final_kind="finish" if agent else "stop",
                     opening={"kind": "run", "agent": agent, "task": fields}) as trace:
         from agentloop.task import validate_task
 

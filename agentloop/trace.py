@@ -10,11 +10,14 @@
   ended; when the run dies instead (an exception, Ctrl-C, SIGTERM), leaving the `with` block writes one
   saying so: reason `error` (with the message), `cancelled` or `terminated`. If it dies before writing
   anything, the `opening` record goes first; if that death is an AgentloopError (bad input found before the
-  run started) the file is removed instead: nothing ran.
+  run started) the file is removed instead: nothing ran. `open_trace` holds SIGINT and SIGTERM back from
+  before the file is created until its `with` block has begun, so there is no moment at which a Ctrl-C could
+  leave a trace file without its final record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -127,3 +130,18 @@ class JsonlTrace:
             self.close()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+@contextlib.contextmanager
+def open_trace(path: str | Path, final_kind: str = "stop", opening: dict[str, Any] | None = None):
+    """`with open_trace(...) as trace:` like `with JsonlTrace(...)`, with no gap for a signal between creating the
+    file and entering the block that writes its final record."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        trace = JsonlTrace(path, final_kind=final_kind, opening=opening)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
+    with trace:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile is raised here, inside
+        yield trace

@@ -127,14 +127,12 @@ def _same_content(path: str, data: IO[bytes]) -> bool:
                 return True
 
 
-def apply_result(root: str, tar: tarfile.TarFile, final: dict[str, tarfile.TarInfo], sent: set[str]) -> int:
-    """Make the workspace `root` hold `final`; returns the number of paths created, changed or removed."""
-    changed = 0
+def apply_result(root: str, tar: tarfile.TarFile, final: dict[str, tarfile.TarInfo], sent: set[str]) -> None:
+    """Make the workspace `root` hold `final` (`sent`: the paths the sandbox was given; only those may go)."""
     for rel in sorted(sent, key=lambda p: p.count("/"), reverse=True):  # gone, or now of another kind
         st = _lstat(os.path.join(root, rel))
         if st is not None and (rel not in final or _member_kind(final[rel]) != _kind(st.st_mode)):
             _remove(os.path.join(root, rel))
-            changed += 1
     for rel, member in sorted(final.items(), key=lambda item: item[0].count("/")):
         path = os.path.join(root, rel)
         if os.path.realpath(os.path.dirname(path)) != os.path.normpath(os.path.join(root, posixpath.dirname(rel))):
@@ -147,13 +145,11 @@ def apply_result(root: str, tar: tarfile.TarFile, final: dict[str, tarfile.TarIn
         if kind == "dir":
             if st is None:
                 os.mkdir(path, 0o700)
-                changed += 1
         elif kind == "link":
             if st is None or os.readlink(path) != member.linkname:
                 if st is not None:
                     os.unlink(path)
                 os.symlink(member.linkname, path)
-                changed += 1
         else:
             if member.islnk():  # a hard link: a copy of the file it links to
                 member = final[_clean(member.linkname)]
@@ -168,8 +164,6 @@ def apply_result(root: str, tar: tarfile.TarFile, final: dict[str, tarfile.TarIn
             os.chmod(temporary, mode)
             os.utime(temporary, (member.mtime, member.mtime))
             os.replace(temporary, path)
-            changed += 1
     for rel, member in final.items():  # folder modes last, so that a read-only folder was still writable above
         if member.isdir():
             os.chmod(os.path.join(root, rel), (member.mode & 0o755) | 0o700)
-    return changed
