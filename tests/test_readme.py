@@ -20,7 +20,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 SETUP = ("apt-get", "python3", "pip", ".", "source")
 CHEAP_EVAL = {
-    "decode-speed": ["--new-tokens", "2", "--rounds", "1", "--no-write"],
+    "decode-speed": ["--contexts", "64", "--new-tokens", "2", "--rounds", "1", "--no-write"],
     "ingestion": ["--trials", "1", "--min-tokens", "150", "--max-tokens", "150", "--ratios", "2", "--long-trials", "0",
                   "--answer-tokens", "2", "--max-queries", "256", "--no-write"],
 }
