@@ -1,32 +1,36 @@
-"""agentloop: long-horizon generation and tool-calling agents under a hard KV-cache memory cap."""
+"""agentloop: long-horizon generation and tool-calling agents under a hard KV-cache memory cap.
 
-from agentloop.agent import Agent, MemoryStats
-from agentloop.cache import CompactableCache
-from agentloop.errors import AgentloopError
-from agentloop.events import (
-    Event,
-    FinishEvent,
-    IngestEvent,
-    MessageEvent,
-    PauseEvent,
-    PolicyEvent,
-    PrefillEvent,
-    StopEvent,
-    TokenEvent,
-    ToolCallEvent,
-    ToolResultEvent,
-)
-from agentloop.loop import GenerationSettings, Session
-from agentloop.memcap import MemCap, parse_mem_cap
-from agentloop.models import DEFAULT_MODEL, LoadedModel, load_model
-from agentloop.task import TaskSpec, load_task
-from agentloop.tools import Tool, ToolResult, tool
+The names below are imported on first use (PEP 562), so that `import agentloop.cli` does not pull in torch and
+transformers: the CLI reads the task file, claims the trace and reports bad input in well under a second.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "agentloop.agent": ("Agent", "MemoryStats"),
+    "agentloop.cache": ("CompactableCache",),
+    "agentloop.errors": ("AgentloopError",),
+    "agentloop.events": ("Event", "FinishEvent", "IngestEvent", "MessageEvent", "PauseEvent", "PolicyEvent",
+                         "PrefillEvent", "StopEvent", "TokenEvent", "ToolCallEvent", "ToolResultEvent"),
+    "agentloop.loop": ("GenerationSettings", "Session"),
+    "agentloop.memcap": ("MemCap", "parse_mem_cap"),
+    "agentloop.models": ("DEFAULT_MODEL", "LoadedModel", "load_model"),
+    "agentloop.task": ("TaskSpec", "load_task"),
+    "agentloop.tools": ("Tool", "ToolResult", "tool"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __version__ = "0.1.0"
+__all__ = sorted(_WHERE)
 
-__all__ = [
-    "Agent", "AgentloopError", "CompactableCache", "DEFAULT_MODEL", "Event", "FinishEvent", "GenerationSettings",
-    "IngestEvent", "LoadedModel", "MemCap", "MemoryStats", "MessageEvent", "PauseEvent", "PolicyEvent", "PrefillEvent",
-    "Session", "StopEvent", "TaskSpec", "TokenEvent", "Tool", "ToolCallEvent", "ToolResult", "ToolResultEvent",
-    "load_model", "load_task", "parse_mem_cap", "tool",
-]
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'agentloop' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_WHERE])

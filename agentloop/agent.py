@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from agentloop.compaction.queries import turn_ids
-from agentloop.errors import AgentloopError
+from agentloop.errors import AgentloopError, Terminated
 from agentloop.events import Event, FinishEvent, IngestEvent, MessageEvent, ToolCallEvent, ToolResultEvent
 from agentloop.ingest import ingest_result
 from agentloop.loop import Session
@@ -144,7 +144,8 @@ class Agent:
 
     def __init__(self, spec: TaskSpec | str | Path | None = None, *, tools: Iterable[Any] | dict = (),
                  loaded: LoadedModel | None = None, reply_fn: ReplyFn | None = None,
-                 stop_when: Callable[[Agent], bool] | None = None, **fields: Any):
+                 stop_when: Callable[[Agent], bool] | None = None, trace_file: JsonlTrace | None = None,
+                 **fields: Any):
         if isinstance(spec, (str, Path)):
             spec = load_task(spec)
         data = spec.model_dump(exclude_unset=True) if spec is not None else {}
@@ -163,7 +164,8 @@ class Agent:
             if self.workspace is None:
                 self.workspace = Path(".agentloop/workspaces") / f"{self.spec.name or 'agent'}-{time.strftime('%Y%m%d-%H%M%S')}"
                 self.workspace.mkdir(parents=True, exist_ok=True)
-            self.tools = make_tools(list(self.spec.tools), self.workspace, self.spec.tools)
+            self.tools = make_tools(list(self.spec.tools), self.workspace, self.spec.tools,
+                                    allow_broad_workspace=self.spec.allow_broad_workspace)
         memory = self.spec.memory
         policy = make_policy(memory.policy, **memory.policy_options())
         self.loaded = loaded or load_model(self.spec.model, dtype=self.spec.dtype, device=self.spec.device)
@@ -177,7 +179,8 @@ class Agent:
         self.steps = self.tool_calls = self.ingestions = 0
         self._fed = 0  # transcript messages whose tokens are in the cache
         self._announced = 0  # transcript messages already sent out as MessageEvents
-        self._trace: JsonlTrace | None = None
+        self._trace: JsonlTrace | None = trace_file  # given: already open (the CLI claims it before the model loads)
+        self._own_trace = trace_file is None
         self._broken = False
         self._t0 = time.perf_counter()
 
@@ -217,9 +220,15 @@ class Agent:
         except BaseException as exc:
             if not finished:
                 self._broken = True
-                why = {KeyboardInterrupt: "interrupted by the user", GeneratorExit: "the caller stopped the run"}
-                self._record(self._finish("cancelled", error=True,
-                                          message=why.get(type(exc), f"{type(exc).__name__}: {exc}")))
+                if isinstance(exc, KeyboardInterrupt):
+                    reason, message = "cancelled", "interrupted by the user (SIGINT)"
+                elif isinstance(exc, GeneratorExit):
+                    reason, message = "cancelled", "the caller stopped the run"
+                elif isinstance(exc, Terminated):
+                    reason, message = "terminated", "terminated (SIGTERM)"
+                else:
+                    reason, message = "error", f"{type(exc).__name__}: {exc}"
+                self._record(self._finish(reason, error=True, message=message))
             raise
 
     @property
@@ -230,7 +239,7 @@ class Agent:
                            policy_actions=session.policy_actions, ingestions=self.ingestions)
 
     def close(self) -> None:
-        if self._trace is not None:
+        if self._trace is not None and self._own_trace:
             self._trace.close()
 
     # --- the loop -----------------------------------------------------------------------------
@@ -249,8 +258,9 @@ class Agent:
                 raise AgentloopError(f"memory.ingest names tool {name!r}, which the agent does not have (its tools: "
                                      f"{', '.join(self._toolbox.tools) or 'none'}); fix the name or add the tool")
         self._chat = ChatFormat(self.loaded.tokenizer, self._toolbox.schemas())
-        if self.spec.trace:
-            self._trace = JsonlTrace(self.spec.trace)
+        if self._trace is None and self.spec.trace:
+            self._trace = JsonlTrace(self.spec.trace, final_kind="finish")
+        if self._trace is not None:
             self._trace.write({"kind": "run", "agent": True, "task": self.spec.model_dump(mode="json"),
                                "model_source": self.loaded.source, "workspace": str(self.workspace),
                                "tools": self._toolbox.schemas(), "cap_bytes": self.session.cap_bytes,

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
 import sys
+import threading
 import time
 
-from agentloop.errors import AgentloopError
+from agentloop.errors import AgentloopError, Terminated
+
+POLICY_FIELDS = ("options", "ratio", "protect_recent", "pin_prompt", "prompt_share")  # memory fields of one policy
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # a value such as `-5MB` or `-1` is a value (then refused by name), not an unknown option
+        self._negative_number_matcher = re.compile(r"^-\.?[0-9]")
+
     def error(self, message):  # one line, exit 2 (argparse's default prints the whole usage)
         self.exit(2, f"agentloop: error: {message} (see `{self.prog} --help`)\n")
 
@@ -49,20 +59,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
+        if argv[:1] == ["eval"]:  # the eval's own parser reads the rest (and answers --help)
+            return cmd_eval(argv[1:])
+        args = build_parser().parse_args(argv)
         if args.command == "run":
             return cmd_run(args)
-        if args.command == "info":
-            return cmd_info(args)
-        return cmd_eval(args)
+        return cmd_info(args)
     except AgentloopError as exc:
         print(f"agentloop: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("agentloop: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("agentloop: terminated", file=sys.stderr)
+        return 143
 
 
 def _quiet_transformers() -> None:
@@ -91,8 +111,15 @@ def describe_memory(config, dtype, cap, policy=None) -> str:
 
 
 def cmd_info(args) -> int:
-    _quiet_transformers()
     from agentloop.memcap import parse_mem_cap
+
+    if args.model is not None and not args.model.strip():
+        raise AgentloopError("the model name is empty; give an alias, a .gguf file or a model directory")
+    cap = parse_mem_cap(args.mem_cap) if args.mem_cap is not None else None  # before the model loads
+    from agentloop.policies import make_policy
+
+    policy = make_policy(args.policy)
+    _quiet_transformers()
     from agentloop.models import DEFAULT_MODEL, load_model
 
     loaded = load_model(args.model or DEFAULT_MODEL, dtype=args.dtype)
@@ -100,42 +127,64 @@ def cmd_info(args) -> int:
     params = sum(p.numel() for p in loaded.model.parameters())
     print(f"model {loaded.name} ({config.model_type}, {params / 1e6:.1f}M params, {loaded.dtype}, {loaded.device})")
     print(f"source {loaded.source}")
-    from agentloop.policies import make_policy
-
-    policy = make_policy(args.policy)
-    print(describe_memory(config, loaded.dtype, parse_mem_cap(args.mem_cap) if args.mem_cap else None, policy))
+    print(describe_memory(config, loaded.dtype, cap, policy))
     return 0
 
 
-def _apply_overrides(args):
-    """The task file with command-line flags applied on top (flags win), validated again."""
-    from agentloop.task import load_task, validate_task
-
-    task = load_task(args.task)
-    data = task.model_dump(exclude_unset=True)
+def _apply_overrides(fields: dict, args) -> dict:
+    """The task file's fields with command-line flags applied on top (flags win). A --policy other than the
+    file's replaces the policy with its options: the file's options were written for its own policy."""
+    data = dict(fields)
     for flag, key in (("model", "model"), ("dtype", "dtype"), ("device", "device"), ("trace", "trace"),
                       ("max_steps", "max_steps"), ("workspace", "workspace")):
         if getattr(args, flag) is not None:
             data[key] = getattr(args, flag)
-    memory, generation = data.setdefault("memory", {}), data.setdefault("generation", {})
-    if args.mem_cap is not None:
-        memory["cap"] = args.mem_cap
-    if args.policy is not None:
-        memory["policy"] = args.policy
-    if args.max_new_tokens is not None:
-        generation["max_new_tokens"] = args.max_new_tokens
-    if args.seed is not None:
-        generation["seed"] = args.seed
-    return validate_task(data, source="command line")
+    memory, generation = data.get("memory") or {}, data.get("generation") or {}
+    if isinstance(memory, dict):
+        memory = dict(memory)
+        if args.mem_cap is not None:
+            memory["cap"] = args.mem_cap
+        if args.policy is not None:
+            if args.policy != memory.get("policy", "none"):
+                memory = {k: v for k, v in memory.items() if k not in POLICY_FIELDS}
+            memory["policy"] = args.policy
+        data["memory"] = memory
+    if isinstance(generation, dict):
+        generation = dict(generation)
+        if args.max_new_tokens is not None:
+            generation["max_new_tokens"] = args.max_new_tokens
+        if args.seed is not None:
+            generation["seed"] = args.seed
+        data["generation"] = generation
+    return data
 
 
 def cmd_run(args) -> int:
-    task = _apply_overrides(args)
-    if task.chat() is None and task.prompt is None:
-        raise AgentloopError(f"{args.task}: nothing to run; give `task`, `messages` or `prompt`")
-    _quiet_transformers()
-    if task.tools:
-        return cmd_agent(task, args)
+    """Read the task file (quick), claim the trace, then validate, load and run; the trace ends with a final record
+    however the run ends (bad input found before it started removes the trace instead)."""
+    from agentloop.taskfile import read_task_file
+    from agentloop.trace import open_trace
+
+    fields = _apply_overrides(read_task_file(args.task), args)
+    name = fields["name"] if isinstance(fields.get("name"), str) and fields["name"].strip() else "task"
+    trace_path = fields.get("trace")
+    if not isinstance(trace_path, str):
+        trace_path = f".agentloop/traces/{name.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    agent = bool(fields.get("tools"))
+    with open_trace(trace_path, final_kind="finish" if agent else "stop",
+                    opening={"kind": "run", "agent": agent, "task": fields}) as trace:
+        from agentloop.task import validate_task
+
+        task = validate_task({**fields, "trace": str(trace.path)}, source=args.task)
+        if task.chat() is None and task.prompt is None:
+            raise AgentloopError(f"{args.task}: nothing to run; give `task`, `messages` or `prompt`")
+        if trace.renamed:
+            print(f"agentloop: {trace.requested} exists; writing this run's trace to {trace.path}", file=sys.stderr)
+        _quiet_transformers()
+        return cmd_agent(task, args, trace) if task.tools else cmd_generate(task, args, trace)
+
+
+def cmd_generate(task, args, trace) -> int:
     from rich.console import Console
 
     from agentloop.chat import encode_messages, encode_text
@@ -143,7 +192,6 @@ def cmd_run(args) -> int:
     from agentloop.memcap import format_bytes, parse_mem_cap
     from agentloop.models import load_model
     from agentloop.policies import make_policy
-    from agentloop.trace import JsonlTrace
     from agentloop.view import LiveView
 
     console = Console(stderr=True, soft_wrap=True)  # log lines are not cut at 80 columns when piped
@@ -153,42 +201,34 @@ def cmd_run(args) -> int:
     chat = task.chat()
     prompt = encode_messages(loaded.tokenizer, chat) if chat is not None else encode_text(loaded.tokenizer, task.prompt)
     session = Session(loaded, cap=cap, policy=policy, decode="eager" if args.no_cuda_graph else "auto")
-    trace_path = task.trace or f".agentloop/traces/{task.name or 'task'}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    trace_path = trace.path
     chatty = not (args.json or args.quiet)
 
-    with JsonlTrace(trace_path) as trace:
-        trace.write({"kind": "run", "task": task.model_dump(mode="json"), "model_source": loaded.source,
-                     "prompt_tokens": len(prompt), "cap_bytes": session.cap_bytes, "cap_slots": session.cap_slots})
-        view, stop = None, None
-        try:
-            for event in _events(session, prompt, task.generation):
-                trace.write(event)
-                if event.kind == "prefill" and chatty:  # the prompt fits: describe the run, start the view
-                    console.print(describe_memory(loaded.model.config, loaded.dtype, cap, policy))
-                    console.print(f"policy {policy.name}; prompt {len(prompt)} tokens; trace {trace_path}")
-                    if console.is_terminal:
-                        view = LiveView(console, f"{task.name} · {loaded.name} · {policy.name}",
-                                        session.cap_bytes, task.generation.max_new_tokens).__enter__()
-                if args.json:
-                    print(event.model_dump_json(), flush=True)
-                elif view:
-                    view.update(event)
-                elif chatty and event.kind == "policy":
-                    console.print(f"[{event.t:7.1f}s] {event.policy}: {event.action}, "
-                                  f"{event.physical_before} -> {event.physical_after} slots, "
-                                  f"{format_bytes(event.bytes_before)} -> {format_bytes(event.bytes_after)}")
-                if event.kind == "stop":
-                    stop = event
-        except AgentloopError as exc:
-            trace.write({"kind": "error", "message": str(exc)})
-            raise
-        except KeyboardInterrupt:
-            trace.write({"kind": "stop", "reason": "cancelled", "error": True, "message": "interrupted by the user",
-                         "new_tokens": len(session.token_ids) - len(prompt)})
-            raise
-        finally:
-            if view:
-                view.__exit__(None, None, None)
+    trace.write({"kind": "run", "task": task.model_dump(mode="json"), "model_source": loaded.source,
+                 "prompt_tokens": len(prompt), "cap_bytes": session.cap_bytes, "cap_slots": session.cap_slots})
+    view, stop = None, None
+    try:
+        for event in _events(session, prompt, task.generation):
+            trace.write(event)
+            if event.kind == "prefill" and chatty:  # the prompt fits: describe the run, start the view
+                console.print(describe_memory(loaded.model.config, loaded.dtype, cap, policy))
+                console.print(f"policy {policy.name}; prompt {len(prompt)} tokens; trace {trace_path}")
+                if console.is_terminal:
+                    view = LiveView(console, f"{task.name} · {loaded.name} · {policy.name}",
+                                    session.cap_bytes, task.generation.max_new_tokens).__enter__()
+            if args.json:
+                print(event.model_dump_json(), flush=True)
+            elif view:
+                view.update(event)
+            elif chatty and event.kind == "policy":
+                console.print(f"[{event.t:7.1f}s] {event.policy}: {event.action}, "
+                              f"{event.physical_before} -> {event.physical_after} slots, "
+                              f"{format_bytes(event.bytes_before)} -> {format_bytes(event.bytes_after)}")
+            if event.kind == "stop":
+                stop = event
+    finally:
+        if view:
+            view.__exit__(None, None, None)
 
     if not args.json:
         print(stop.text)
@@ -199,7 +239,7 @@ def cmd_run(args) -> int:
     return 3 if stop.error else 0
 
 
-def cmd_agent(task, args) -> int:
+def cmd_agent(task, args, trace) -> int:
     """A task with tools: the agent loop, shown as a live panel (terminal), a log, the answer only, or JSON."""
     from rich.console import Console
     from rich.markup import escape
@@ -209,8 +249,8 @@ def cmd_agent(task, args) -> int:
     from agentloop.view import AgentView, describe_agent_event
 
     console = Console(stderr=True, soft_wrap=True)  # log lines are not cut at 80 columns when piped
-    trace_path = task.trace or f".agentloop/traces/{task.name or 'task'}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-    agent = Agent(task, trace=trace_path)
+    trace_path = trace.path
+    agent = Agent(task, trace_file=trace)
     chatty = not (args.json or args.quiet)
     if chatty:
         cap = parse_mem_cap(task.memory.cap) if task.memory.cap else None
@@ -236,7 +276,6 @@ def cmd_agent(task, args) -> int:
         events.close()  # an interrupted run still ends its trace with a `cancelled` record
         if view:
             view.__exit__(None, None, None)
-        agent.close()
 
     if finish.reason == "error":
         print(f"agentloop: error: {finish.message}", file=sys.stderr)
@@ -256,10 +295,10 @@ def _events(session, prompt, settings):
     yield from session.generate(settings)
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(argv: list[str]) -> int:
     from agentloop.evals import run_eval
 
-    return run_eval(args.name, args.rest)
+    return run_eval(argv[0] if argv else None, argv[1:])
 
 
 if __name__ == "__main__":

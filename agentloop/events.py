@@ -57,7 +57,8 @@ class PolicyEvent(_Event):
 
 class StopEvent(_Event):
     kind: Literal["stop"] = "stop"
-    reason: Literal["eos", "stop_string", "max_new_tokens", "mem_cap", "cancelled"]
+    # the loop's own reasons; a trace's last `stop` may also say `terminated` (SIGTERM) or `error` (agentloop/trace.py)
+    reason: Literal["eos", "stop_string", "max_new_tokens", "mem_cap", "cancelled", "terminated", "error"]
     error: bool = False
     message: str = ""
     text: str
@@ -127,7 +128,7 @@ class FinishEvent(_Event):
     """The agent run ended."""
 
     kind: Literal["finish"] = "finish"
-    reason: Literal["final_answer", "max_steps", "stop_condition", "mem_cap", "error", "cancelled"]
+    reason: Literal["final_answer", "max_steps", "stop_condition", "mem_cap", "error", "cancelled", "terminated"]
     error: bool = False
     message: str = ""
     answer: str = Field(description="the final reply without tool-call markup ('' unless reason is final_answer)")

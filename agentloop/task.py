@@ -5,10 +5,10 @@ A task with `tools` runs the agent loop (agentloop/agent.py); one without runs a
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agentloop.compaction.span import MAX_QUERIES, NAMED_METHODS
@@ -16,8 +16,12 @@ from agentloop.errors import AgentloopError
 from agentloop.loop import GenerationSettings
 from agentloop.memcap import parse_mem_cap
 from agentloop.models import DEFAULT_MODEL
-from agentloop.policies import POLICIES
+from agentloop.policies import POLICIES, make_policy
+from agentloop.taskfile import read_task_file
 from agentloop.tools import BUILTIN_TOOLS
+
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
 
 
 class Message(BaseModel):
@@ -119,12 +123,11 @@ class MemorySpec(BaseModel):
     def _cap(cls, value):
         if value is None:
             return None
-        value = str(value)
         try:
             parse_mem_cap(value)
         except AgentloopError as exc:
             raise ValueError(str(exc)) from None
-        return value
+        return str(value)
 
     @field_validator("policy")
     @classmethod
@@ -141,6 +144,15 @@ class MemorySpec(BaseModel):
             takes = sorted(name for name, policy_cls in POLICIES.items() if info.field_name in _option_names(policy_cls))
             raise ValueError(f"applies to policies {', '.join(takes)}, not {policy!r}")
         return value
+
+    @model_validator(mode="after")
+    def _options_fit_the_policy(self):
+        """Names, types and ranges of the policy's options, checked when the task is read, not when it first acts."""
+        try:
+            make_policy(self.policy, **self.policy_options())
+        except AgentloopError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
     def policy_options(self) -> dict[str, Any]:
         """`options` with the ratio / protect_recent / pin_prompt / prompt_share shortcuts folded in."""
@@ -169,6 +181,8 @@ class TaskSpec(BaseModel):
                                              description="built-in tools: a list of names, or a mapping name: settings")
     workspace: str | None = Field(None, description="folder the tools work in (relative to the task file); "
                                                     "default a new .agentloop/workspaces/<name>-<time>")
+    allow_broad_workspace: bool = Field(False, description="let the workspace be /, hold the home folder, the current "
+                                        "folder or agentloop's own files (refused by default)")
     max_steps: int = Field(10, ge=1, description="model replies per task before the run stops")
     stop_on: list[str] = Field(default_factory=list, description="stop the run when a reply contains one of these")
     tool_timeout_s: float | None = Field(None, gt=0, description="wait at most this long for a tool; default: its own")
@@ -192,6 +206,34 @@ class TaskSpec(BaseModel):
                 raise ValueError(f"unknown tool {name!r}; built-in tools are: {', '.join(BUILTIN_TOOLS)}")
         return {name: settings or {} for name, settings in value.items()}
 
+    @field_validator("model", "trace", "workspace")
+    @classmethod
+    def _not_empty(cls, value, info):
+        if value is not None and not value.strip():
+            raise ValueError(f"`{info.field_name}` is empty; give a value or leave the field out")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value):
+        if value is not None and (not value.strip() or "/" in value or "\0" in value):
+            raise ValueError(f"name {value!r} must be a non-empty word without '/' (it names the trace file)")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value):
+        if value not in DTYPES:
+            raise ValueError(f"unknown dtype {value!r}; use auto, float32, bfloat16 or float16")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value):
+        if not _DEVICE.match(value):
+            raise ValueError(f"unknown device {value!r}; use auto, cpu, cuda or cuda:N")
+        return value
+
     @model_validator(mode="after")
     def _one_input(self):
         given = [k for k in ("task", "messages", "prompt") if getattr(self, k) is not None]
@@ -214,22 +256,7 @@ class TaskSpec(BaseModel):
 
 
 def load_task(path: str | Path) -> TaskSpec:
-    path = Path(path)
-    if not path.is_file():
-        raise AgentloopError(f"task file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise AgentloopError(f"{path}: bad YAML{where}: {problem}") from None
-    if not isinstance(data, dict):
-        raise AgentloopError(f"{path}: expected a mapping of fields (model, task, memory, ...), got {type(data).__name__}")
-    data.setdefault("name", path.stem)
-    if isinstance(data.get("workspace"), str):  # relative to the task file, like an include
-        data["workspace"] = str(path.parent / data["workspace"])
-    return validate_task(data, source=str(path))
+    return validate_task(read_task_file(path), source=str(path))
 
 
 def validate_task(data: dict, source: str = "task") -> TaskSpec:

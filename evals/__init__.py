@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 EVALS: dict[str, tuple[str, str]] = {
@@ -26,10 +28,72 @@ EVALS: dict[str, tuple[str, str]] = {
 }
 
 
+_OUT: Path | None = None  # --out of the eval being run
+
+
 def results_dir() -> Path:
-    """evals/results in a source checkout (where results are committed), else ./evals/results."""
-    here = Path(__file__).resolve().parent
-    return here / "results" if (here.parent / "pyproject.toml").is_file() else Path.cwd() / "evals" / "results"
+    """Where results go: --out, else ./evals/results under the working directory (never the installed package's
+    folder, unless that is where you run it from: from a checkout's root this is the committed evals/results)."""
+    return _OUT if _OUT is not None else Path.cwd() / "evals" / "results"
+
+
+def count(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    return _number(text, int, lambda v: v >= 1, "a whole number >= 1")
+
+
+def whole(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    return _number(text, int, lambda v: v >= 0, "a whole number >= 0")
+
+
+def positive(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _number(text, float, lambda v: 0 < v < float("inf"), "a number > 0")
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    return _number(text, float, lambda v: 0 < v < 1, "a number between 0 and 1 (exclusive)")
+
+
+def _number(text: str, kind, ok, expected: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+class EvalParser(argparse.ArgumentParser):
+    """An eval's argument parser: errors are one line (exit 2), and every eval takes --out DIR (its results
+    folder, checked to be writable before any work)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?[0-9]")  # `--trials -1` is a bad value, not an option
+        self.add_argument("--out", metavar="DIR", help="results folder (default: ./evals/results)")
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        from agentloop.errors import AgentloopError
+
+        global _OUT
+        parsed = super().parse_args(args, namespace)
+        _OUT = Path(parsed.out) if parsed.out is not None else None
+        if not getattr(parsed, "no_write", False):
+            folder = results_dir()
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as exc:
+                raise AgentloopError(f"cannot write results to {folder} ({exc.strerror or exc}); give another "
+                                     "--out") from None
+        return parsed
 
 
 def load_eval_model(spec: str):
@@ -43,8 +107,14 @@ def load_eval_model(spec: str):
 
 def add_output_options(parser, name: str) -> None:
     """--name (results file name, default `name`) and --no-write, for evals whose results are written per trial."""
-    parser.add_argument("--name", default=name, help="results file name under evals/results")
-    parser.add_argument("--no-write", action="store_true", help="print, do not write evals/results")
+    parser.add_argument("--name", default=name, type=_file_name, help="results file name in the results folder")
+    parser.add_argument("--no-write", action="store_true", help="print, do not write results")
+
+
+def _file_name(text: str) -> str:
+    if not text.strip() or "/" in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"expected a file name without '/', got {text!r}")
+    return text
 
 
 def query_budget(text: str) -> int | None:
@@ -128,14 +198,15 @@ def write_results(name: str, data: dict, markdown: str) -> Path:
 
 def run_eval(name: str | None, argv: list[str]) -> int:
     if name in (None, "-h", "--help", "list"):
-        print("usage: agentloop eval NAME [options]   (agentloop eval NAME --help for its options)\n\nevals:")
+        print("usage: agentloop eval NAME [options]   (agentloop eval NAME --help for its options)\n\n"
+              "Results go to ./evals/results (or --out DIR).\n\nevals:")
         for key, (_, summary) in EVALS.items():
             print(f"  {key:18s} {summary}")
         return 0
     if name not in EVALS:
         from agentloop.errors import AgentloopError
 
-        raise AgentloopError(f"unknown eval {name!r}: choose one of {', '.join(EVALS)}")
+        raise AgentloopError(f"unknown eval {name!r}: choose one of {', '.join(EVALS)} (see `agentloop eval --help`)")
     module = importlib.import_module(EVALS[name][0])
     return module.main(argv)
 

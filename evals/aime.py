@@ -126,41 +126,38 @@ def solve(loaded: LoadedModel, prompt_ids: list[int], forced_ids: list[int], cap
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="agentloop eval aime", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from agentloop.evals import EvalParser, add_output_options, count, fraction, whole
+
+    parser = EvalParser(prog="agentloop eval aime", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", required=True, help="JSONL with 'problem' and 'answer' (e.g. aime25.test.jsonl)")
-    parser.add_argument("--limit", type=int, help="first N problems")
+    parser.add_argument("--limit", type=count, help="first N problems")
     parser.add_argument("--mem-cap", help="physical KV cap, e.g. 2048tok or 8GB (default: uncapped)")
     parser.add_argument("--policy", default="am", help="memory policy at the cap (am, h2o, snapkv, none, ...)")
-    parser.add_argument("--ratio", type=float, help="policy option: fraction of the region kept per compaction")
-    parser.add_argument("--protect-recent", type=int, help="policy option: newest tokens kept verbatim")
+    parser.add_argument("--ratio", type=fraction, help="policy option: fraction of the region kept per compaction")
+    parser.add_argument("--protect-recent", type=whole, help="policy option: newest tokens kept verbatim")
     parser.add_argument("--queries", default="repeat",
                         help="policy option: repeat (the paper's protocol, default), recorded or repeat+recorded")
-    parser.add_argument("--max-compactions", type=int, help="policy option: then stop at the cap and answer")
-    parser.add_argument("--max-new-tokens", type=int, default=32768, help="thinking tokens at most")
-    parser.add_argument("--samples", type=int, default=1, help="samples per problem (seeds seed, seed+1, ...)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-compactions", type=whole, help="policy option: then stop at the cap and answer")
+    parser.add_argument("--max-new-tokens", type=count, default=32768, help="thinking tokens at most")
+    parser.add_argument("--samples", type=count, default=1, help="samples per problem (seeds seed, seed+1, ...)")
+    parser.add_argument("--seed", type=whole, default=0)
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of the model's sampling")
-    parser.add_argument("--out", default="aime", help="results name: <out>.jsonl, .json, .md, .png")
-    parser.add_argument("--results-dir", help="where results go (default: evals/results)")
-    parser.add_argument("--no-write", action="store_true")
+    add_output_options(parser, "aime")  # results <name>.jsonl, .json, .md, .png
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
 
     from agentloop.evals import load_eval_model, results_dir
 
-    if args.samples < 1 or (args.limit is not None and args.limit < 1):
-        raise AgentloopError("--samples and --limit must be at least 1")
     problems = load_problems(args.data, args.limit)
     cap = None if args.mem_cap in (None, "none") else parse_mem_cap(args.mem_cap)
     options = {key: value for key, value in (("ratio", args.ratio), ("protect_recent", args.protect_recent),
                                              ("queries", args.queries), ("max_compactions", args.max_compactions))
                if value is not None}
     make_policy(args.policy, **options)  # bad names or options fail before the model loads
-    out_dir = Path(args.results_dir) if args.results_dir else results_dir()
+    out_dir = results_dir()
     command = shlex.join(["agentloop", "eval", "aime", *argv])
-    jsonl = out_dir / f"{args.out}.jsonl"
+    jsonl = out_dir / f"{args.name}.jsonl"
 
     loaded = load_eval_model(args.model)
     forced_ids = [int(i) for i in loaded.tokenizer(FORCED_PREFIX, add_special_tokens=False)["input_ids"]]
@@ -229,10 +226,10 @@ def _write(out_dir: Path, args, records: list[dict], command: str, model: str, s
     """<out>.json (config, summary, command) and <out>.md next to <out>.jsonl, and the plot <out>.png."""
     summary, markdown = report(args, records, command, model, sample_options)
     data = {"eval": "aime", "model": model, "config": vars(args), "sampling": sample_options, "summary": summary,
-            "command": command, "records": f"{args.out}.jsonl"}
-    (out_dir / f"{args.out}.json").write_text(json.dumps(data, indent=2) + "\n")
-    (out_dir / f"{args.out}.md").write_text(markdown + "\n")
-    _plot(records, summary, out_dir / f"{args.out}.png")
+            "command": command, "records": f"{args.name}.jsonl"}
+    (out_dir / f"{args.name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out_dir / f"{args.name}.md").write_text(markdown + "\n")
+    _plot(records, summary, out_dir / f"{args.name}.png")
 
 
 def _plot(records: list[dict], summary: dict, path: Path) -> None:

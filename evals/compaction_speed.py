@@ -88,16 +88,16 @@ def online(loaded, cap_tokens: int, events: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agentloop.evals import add_query_option
+    from agentloop.evals import EvalParser, add_query_option, count
 
-    parser = argparse.ArgumentParser(prog="agentloop eval compaction-speed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = EvalParser(prog="agentloop eval compaction-speed", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="a model, or a shape-only one such as random:qwen3-4b")
-    parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096])
-    parser.add_argument("--ratios", nargs="+", type=int, default=[2, 10])
-    parser.add_argument("--online-caps", nargs="*", type=int, default=[512, 2048],
+    parser.add_argument("--lengths", nargs="+", type=count, default=[1024, 2048, 4096])
+    parser.add_argument("--ratios", nargs="+", type=count, default=[2, 10])
+    parser.add_argument("--online-caps", nargs="*", type=count, default=[512, 2048],
                         help="token caps of the online measurement (none: skip it)")
-    parser.add_argument("--online-events", type=int, default=3, help="compaction events measured per cap")
+    parser.add_argument("--online-events", type=count, default=3, help="compaction events measured per cap")
     add_query_option(parser)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)

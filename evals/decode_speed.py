@@ -97,19 +97,21 @@ def measure(ours_model, hf_model, ids, new_tokens: int, rounds: int, beta: bool,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="agentloop eval decode-speed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from agentloop.evals import EvalParser, count, whole
+
+    parser = EvalParser(prog="agentloop eval decode-speed", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="a model, or a shape-only one such as random:qwen3-4b")
-    parser.add_argument("--contexts", nargs="+", type=int, default=None,
+    parser.add_argument("--contexts", nargs="+", type=count, default=None,
                         help="context lengths (default 64 1024 4096 on CPU, 64 1024 8192 32768 on a GPU)")
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=count, default=128)
+    parser.add_argument("--rounds", type=count, default=5)
     parser.add_argument("--beta", choices=["both", "off", "on"], default="both", help="rows without and/or with β")
     parser.add_argument("--decodes", nargs="+", choices=["auto", "eager", "static", "graph"], default=None,
                         help="decode steps to run (default: auto on CPU, eager and graph on a GPU)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--threads", type=whole, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--name", default="decode_speed", help="results file name under evals/results")
     parser.add_argument("--no-write", action="store_true", help="print, do not write evals/results")
     args = parser.parse_args(argv)

@@ -12,7 +12,6 @@ and "METHOD + FILE @bytes" keeps fewer real slots, so that padded it holds at mo
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 from pathlib import Path
@@ -227,19 +226,19 @@ def plot(summary, ratios, path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agentloop.evals import add_query_option
+    from agentloop.evals import EvalParser, add_query_option, count, whole
 
-    parser = argparse.ArgumentParser(prog="agentloop eval fidelity", description=__doc__)
+    parser = EvalParser(prog="agentloop eval fidelity", description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tokens", type=int, default=1600)
-    parser.add_argument("--contexts", type=int, default=2)
+    parser.add_argument("--tokens", type=count, default=1600)
+    parser.add_argument("--contexts", type=count, default=2)
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
-    parser.add_argument("--ratios", nargs="+", type=int, default=[2, 5, 10, 20, 50])
+    parser.add_argument("--ratios", nargs="+", type=count, default=[2, 5, 10, 20, 50])
     add_query_option(parser)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=whole, default=0)
     parser.add_argument("--budgets", nargs="+", default=[], metavar="FILE", help="budget files: also run every "
                         "method with each file's non-uniform head budgets (results go to fidelity_budgets)")
-    parser.add_argument("--omp-max-kept", type=int, default=400, help="skip OMP methods where they would keep more "
+    parser.add_argument("--omp-max-kept", type=count, default=400, help="skip OMP methods where they would keep more "
                         "slots per head (their cost grows as t^4: at 2x of 1600 tokens, >10 min per context here)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)

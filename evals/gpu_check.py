@@ -126,8 +126,10 @@ def check_online(shape: str, device: str, cap: int, compactions: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="agentloop eval gpu-check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from agentloop.evals import EvalParser
+
+    parser = EvalParser(prog="agentloop eval gpu-check", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="random:qwen3-4b", help="shape-only model of the benchmarks")
     parser.add_argument("--quick", action="store_true", help="small shapes and short runs (the test suite, on CPU)")
     parser.add_argument("--device", default=None)

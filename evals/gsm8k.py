@@ -9,7 +9,6 @@ the reference answer (the number after "####" in the dataset).
 
 from __future__ import annotations
 
-import argparse
 import re
 import statistics
 import time
@@ -63,16 +62,16 @@ def solve(loaded, prompt_ids: list[int], cap: str | None, policy, max_new_tokens
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agentloop.evals import add_output_options
+    from agentloop.evals import EvalParser, add_output_options, count
 
-    parser = argparse.ArgumentParser(prog="agentloop eval gsm8k", description=__doc__)
+    parser = EvalParser(prog="agentloop eval gsm8k", description=__doc__)
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
     parser.add_argument("--data", required=True, help="GSM8K test JSONL (question, answer ending in '#### N')")
-    parser.add_argument("--limit", type=int, default=20, help="first N problems")
+    parser.add_argument("--limit", type=count, default=20, help="first N problems")
     parser.add_argument("--mem-cap", default="160tok", help="physical KV cap of the capped runs")
     parser.add_argument("--policies", nargs="+", default=["am-both", "snapkv", "streaming"],
                         help="policies under the cap (names of agentloop eval online-fidelity)")
-    parser.add_argument("--max-new-tokens", type=int, default=400)
+    parser.add_argument("--max-new-tokens", type=count, default=400)
     add_output_options(parser, "gsm8k")
     args = parser.parse_args(argv)
 

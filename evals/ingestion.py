@@ -104,31 +104,33 @@ def _measure(session, suffix: list[int], key: str, answer_tokens: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agentloop.evals import add_output_options, add_query_option
+    from agentloop.evals import EvalParser, add_output_options, add_query_option, count, whole
 
-    parser = argparse.ArgumentParser(prog="agentloop eval ingestion", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = EvalParser(prog="agentloop eval ingestion", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--source", choices=["prose", "code"], default="prose")
-    parser.add_argument("--trials", type=int, default=20, help="trials at min-tokens..max-tokens")
-    parser.add_argument("--min-tokens", type=int, default=2000)
-    parser.add_argument("--max-tokens", type=int, default=4000)
-    parser.add_argument("--ratios", nargs="+", type=int, default=[2, 5, 10])
-    parser.add_argument("--long-trials", type=int, default=4, help="trials at --long-tokens (0 = none)")
-    parser.add_argument("--long-tokens", type=int, default=8000)
-    parser.add_argument("--long-ratios", nargs="+", type=int, default=[2, 5, 10])
-    parser.add_argument("--keep", type=int, default=16, help="keep_first = keep_last")
-    parser.add_argument("--piece-tokens", type=int, default=2048)
-    parser.add_argument("--chunk-tokens", type=int, default=0, help="compact each piece in chunks of this many tokens "
+    parser.add_argument("--trials", type=count, default=20, help="trials at min-tokens..max-tokens")
+    parser.add_argument("--min-tokens", type=count, default=2000)
+    parser.add_argument("--max-tokens", type=count, default=4000)
+    parser.add_argument("--ratios", nargs="+", type=count, default=[2, 5, 10])
+    parser.add_argument("--long-trials", type=whole, default=4, help="trials at --long-tokens (0 = none)")
+    parser.add_argument("--long-tokens", type=count, default=8000)
+    parser.add_argument("--long-ratios", nargs="+", type=count, default=[2, 5, 10])
+    parser.add_argument("--keep", type=whole, default=16, help="keep_first = keep_last")
+    parser.add_argument("--piece-tokens", type=count, default=2048)
+    parser.add_argument("--chunk-tokens", type=whole, default=0, help="compact each piece in chunks of this many tokens "
                         "(0: each piece as one block, the default of memory.ingest.chunk_tokens)")
     add_query_option(parser)
     parser.add_argument("--task-first", action="store_true",
                         help="the user asks the question before the file is read; adds the am-task condition "
                              "(memory.ingest.task_queries: the compaction knows the pending request)")
-    parser.add_argument("--answer-tokens", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--answer-tokens", type=count, default=8)
+    parser.add_argument("--seed", type=whole, default=0)
     add_output_options(parser, "ingestion")
     args = parser.parse_args(argv)
+    if args.min_tokens > args.max_tokens:
+        parser.error(f"--min-tokens ({args.min_tokens}) is larger than --max-tokens ({args.max_tokens})")
 
     from agentloop import Session
     from agentloop.compaction.queries import turn_ids

@@ -143,13 +143,15 @@ def report(rows: list[dict], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="agentloop eval memory", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from agentloop.evals import EvalParser, count
+
+    parser = EvalParser(prog="agentloop eval memory", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="a model, or a shape-only one such as random:qwen3-4b")
     parser.add_argument("--caps", nargs="+", default=["256tok", "1024tok", "4096tok"])
     parser.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES)
-    parser.add_argument("--compactions", type=int, default=6, help="policy actions each run reaches (default 6)")
-    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--compactions", type=count, default=6, help="policy actions each run reaches (default 6)")
+    parser.add_argument("--decode-tokens", type=count, default=32)
     parser.add_argument("--device", default=None, help="auto, cpu, cuda (default: the model's default)")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--name", default="memory", help="results file name under evals/results")

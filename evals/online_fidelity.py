@@ -10,7 +10,6 @@ the part after the 6th compaction (the issue's "after 6 halvings").
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -82,18 +81,19 @@ def compare(reference: torch.Tensor, capped: torch.Tensor, targets: torch.Tensor
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="agentloop eval online-fidelity", description=__doc__)
+    from agentloop.evals import EvalParser, add_output_options, count, positive, whole
+
+    parser = EvalParser(prog="agentloop eval online-fidelity", description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tokens", type=int, default=2048, help="length of the continuation")
+    parser.add_argument("--tokens", type=count, default=2048, help="length of the continuation")
     parser.add_argument("--mem-cap", default="512tok", help="cap of the replays (must force >= 6 compactions)")
     parser.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES))
-    parser.add_argument("--chunk", type=int, default=16, help="teacher-forcing chunk (the policy acts between chunks)")
-    parser.add_argument("--protect-recent", type=int, default=20, help="newest tokens am/h2o/snapkv keep verbatim")
-    parser.add_argument("--repetition-penalty", type=float, default=REPETITION_PENALTY,
+    parser.add_argument("--chunk", type=count, default=16, help="teacher-forcing chunk (the policy acts between chunks)")
+    parser.add_argument("--protect-recent", type=whole, default=20, help="newest tokens am/h2o/snapkv keep verbatim")
+    parser.add_argument("--repetition-penalty", type=positive, default=REPETITION_PENALTY,
                         help="of the uncapped sampled continuation (higher keeps a small model out of loops)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="online_fidelity", help="results name in evals/results")
-    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--seed", type=whole, default=0)
+    add_output_options(parser, "online_fidelity")
     args = parser.parse_args(argv)
 
     from agentloop.chat import encode_messages
@@ -131,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         from agentloop.evals import results_dir, write_results
 
-        write_results(args.out, {"benchmark": "online-fidelity", "config": vars(args),
+        write_results(args.name, {"benchmark": "online-fidelity", "config": vars(args),
                                           "prompt_tokens": len(prompt_ids), "continuation": continuation,
                                           "uncapped_nll": ref_nll, "uncapped_seconds": round(uncapped_s, 1),
                                           "policies": rows, "top1_per_position": curves}, text)
-        _plot(curves, rows, results_dir() / f"{args.out}.png", args.mem_cap)
+        _plot(curves, rows, results_dir() / f"{args.name}.png", args.mem_cap)
     return 0
 
 

@@ -8,7 +8,6 @@ of compactions and the fraction of wall time spent compacting.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -33,16 +32,16 @@ def timed_run(loaded, prompt_ids: list[int], tokens: int, cap: str | None, polic
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agentloop.evals import add_output_options
+    from agentloop.evals import EvalParser, add_output_options, count, whole
 
-    parser = argparse.ArgumentParser(prog="agentloop eval online-speed", description=__doc__)
+    parser = EvalParser(prog="agentloop eval online-speed", description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tokens", type=int, default=1200)
+    parser.add_argument("--tokens", type=count, default=1200)
     parser.add_argument("--mem-cap", default="256tok")
     parser.add_argument("--configs", nargs="+", default=["am-repeat", "am-both", "am-recorded"],
                         help="policies run under the cap")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=count, default=3)
+    parser.add_argument("--seed", type=whole, default=0)
     add_output_options(parser, "online_speed")
     args = parser.parse_args(argv)
 

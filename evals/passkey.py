@@ -8,7 +8,6 @@ A trial is correct when the answer contains the pass key.
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import re
@@ -116,26 +115,28 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agentloop.evals import add_output_options, add_query_option
+    from agentloop.evals import EvalParser, add_output_options, add_query_option, count, whole
 
-    parser = argparse.ArgumentParser(prog="agentloop eval passkey", description=__doc__)
+    parser = EvalParser(prog="agentloop eval passkey", description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--trials", type=int, default=50)
-    parser.add_argument("--min-tokens", type=int, default=1000)
-    parser.add_argument("--max-tokens", type=int, default=3000)
+    parser.add_argument("--trials", type=count, default=50)
+    parser.add_argument("--min-tokens", type=count, default=1000)
+    parser.add_argument("--max-tokens", type=count, default=3000)
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
-    parser.add_argument("--ratios", nargs="+", type=int, default=[2, 5, 10, 20, 50])
+    parser.add_argument("--ratios", nargs="+", type=count, default=[2, 5, 10, 20, 50])
     add_query_option(parser)
     parser.add_argument("--question-aware", action="store_true",
                         help="compact knowing the question: its queries and those of the model's draft answer "
                              "(on the full cache) hold a quarter of the fitting rows (compact_span(..., "
                              "task_ids=question)); default: the compaction does not see the question")
-    parser.add_argument("--answer-tokens", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--answer-tokens", type=count, default=8)
+    parser.add_argument("--seed", type=whole, default=0)
     parser.add_argument("--resume", action="store_true",
                         help="keep the trials already in evals/results/<name>.json (same settings) and run the rest")
     add_output_options(parser, "passkey")
     args = parser.parse_args(argv)
+    if args.min_tokens > args.max_tokens:
+        parser.error(f"--min-tokens ({args.min_tokens}) is larger than --max-tokens ({args.max_tokens})")
     argv = [a for a in argv or [] if a != "--resume"]
     args.task_queries = task_queries_setting() if args.question_aware else None
 

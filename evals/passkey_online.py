@@ -8,7 +8,6 @@ and policy gives the whole curve of accuracy against k.
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 
@@ -67,18 +66,18 @@ def run_trial(loaded, policy, cap: str, prompt, prose, question, key, args, ask_
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agentloop.evals import add_output_options
+    from agentloop.evals import EvalParser, add_output_options, count, whole
 
-    parser = argparse.ArgumentParser(prog="agentloop eval passkey-online", description=__doc__)
+    parser = EvalParser(prog="agentloop eval passkey-online", description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--trials", type=count, default=20)
     parser.add_argument("--mem-cap", default="256tok")
-    parser.add_argument("--max-k", type=int, default=8, help="compactions to go through")
+    parser.add_argument("--max-k", type=count, default=8, help="compactions to go through")
     parser.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES))
-    parser.add_argument("--chunk", type=int, default=32, help="prose ingested per forward")
-    parser.add_argument("--prose-tokens", type=int, default=2400, help="prose available after the key")
-    parser.add_argument("--answer-tokens", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk", type=count, default=32, help="prose ingested per forward")
+    parser.add_argument("--prose-tokens", type=count, default=2400, help="prose available after the key")
+    parser.add_argument("--answer-tokens", type=count, default=8)
+    parser.add_argument("--seed", type=whole, default=0)
     parser.add_argument("--resume", action="store_true",
                         help="keep the trials already in evals/results/<name>.json (same settings) and run the rest")
     add_output_options(parser, "passkey_online")

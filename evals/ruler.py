@@ -136,22 +136,22 @@ def score(kind: str, answer: str, golds: list[str]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agentloop.evals import add_output_options, add_query_option
+    from agentloop.evals import EvalParser, add_output_options, add_query_option, count, whole
 
-    parser = argparse.ArgumentParser(prog="agentloop eval ruler", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = EvalParser(prog="agentloop eval ruler", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="RULER task names (synthetic.yaml)")
-    parser.add_argument("--samples", type=int, default=10, help="samples per task")
-    parser.add_argument("--max-seq-length", type=int, default=2048, help="RULER's sample length in tokens")
+    parser.add_argument("--samples", type=count, default=10, help="samples per task")
+    parser.add_argument("--max-seq-length", type=count, default=2048, help="RULER's sample length in tokens")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
-    parser.add_argument("--ratios", nargs="+", type=int, default=[2, 5, 10, 20])
+    parser.add_argument("--ratios", nargs="+", type=count, default=[2, 5, 10, 20])
     add_query_option(parser)
     parser.add_argument("--question-aware", action="store_true",
                         help="compact knowing the question (compact_span(..., task_ids=question)); default: the "
                              "compaction does not see it")
-    parser.add_argument("--answer-tokens", type=int, default=24)
-    parser.add_argument("--seed", type=int, default=42, help="RULER's random seed (its default)")
+    parser.add_argument("--answer-tokens", type=count, default=24)
+    parser.add_argument("--seed", type=whole, default=42, help="RULER's random seed (its default)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the samples already in evals/results/<name>.json (same settings) and run the rest")
     add_output_options(parser, "ruler")

@@ -114,16 +114,18 @@ def run_reference(algorithm, Q, K, V, t):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="agentloop eval vs-reference", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from agentloop.evals import EvalParser, count
+
+    parser = EvalParser(prog="agentloop eval vs-reference", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=["smollm2", "random"], default=None,
                         help="tensors (default: smollm2 on CPU, random on a GPU)")
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="method:ratio, method in hak, omp-fast")
-    parser.add_argument("--layers", type=int, default=8, help="smollm2: layers whose KV heads are compacted")
-    parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--heads", type=int, default=16, help="random: heads")
-    parser.add_argument("--queries", type=int, default=16384, help="random: fitting queries per head")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--layers", type=count, default=8, help="smollm2: layers whose KV heads are compacted")
+    parser.add_argument("--tokens", type=count, default=1024)
+    parser.add_argument("--heads", type=count, default=16, help="random: heads")
+    parser.add_argument("--queries", type=count, default=16384, help="random: fitting queries per head")
+    parser.add_argument("--rounds", type=count, default=3)
     parser.add_argument("--device", default=None)
     parser.add_argument("--reference", default=str(Path(__file__).resolve().parents[2] / "shared" / "reference"),
                         help="folder holding the paper's compaction_algorithms/ (default ../shared/reference)")

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +22,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from agentloop.assets import cache_dir
 from agentloop.models import LoadedModel, load_model
 
 VOCAB = 512
@@ -75,3 +81,38 @@ def reference_copy(loaded: LoadedModel) -> torch.nn.Module:
     model = copy.deepcopy(loaded.model)
     model.set_attn_implementation("sdpa")
     return model
+
+
+# Runs `agentloop.cli.main` once per argv in ONE process (a process per command would pay the torch import each
+# time), stdout and stderr captured per call; an exception escaping main is reported as such, with its traceback.
+_HARNESS = r'''
+import contextlib, io, json, sys, traceback
+from agentloop.cli import main
+
+results = []
+for argv in json.loads(sys.stdin.read()):
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        except BaseException:
+            traceback.print_exc()
+            code = "escaped"
+    results.append({"argv": argv, "code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+print(json.dumps(results))
+'''
+
+
+@pytest.fixture
+def cli_batch():
+    """run(argvs, cwd, env=None) -> [{argv, code, stdout, stderr}]: the CLI called in one subprocess."""
+    def run(argvs: list[list[str]], cwd: Path, env: dict | None = None) -> list[dict]:
+        env = {**os.environ, "AGENTLOOP_CACHE": str(cache_dir()), **(env or {})}
+        done = subprocess.run([sys.executable, "-c", _HARNESS], input=json.dumps(argvs), capture_output=True,
+                              text=True, cwd=cwd, env=env, timeout=1200)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.splitlines()[-1])
+
+    return run

@@ -320,7 +320,7 @@ def test_trace_is_complete_and_an_interrupted_run_still_ends_it(tiny_chat, works
     with pytest.raises(KeyboardInterrupt):
         agent.run()
     last = json.loads(trace2.read_text().splitlines()[-1])
-    assert (last["kind"], last["reason"], last["message"]) == ("finish", "cancelled", "interrupted by the user")
+    assert (last["kind"], last["reason"], last["message"]) == ("finish", "cancelled", "interrupted by the user (SIGINT)")
     with pytest.raises(AgentloopError, match="in the middle of a step"):
         agent.run("again")
 

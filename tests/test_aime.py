@@ -56,7 +56,7 @@ def test_capped_run_compacts_forces_answers_and_writes_results(tmp_path, smollm2
     out = tmp_path / "results"
     model_dir = cache_dir() / "models" / "smollm2-135m"  # the converted model, given by path as a user would
     assert aime.main(["--model", str(model_dir), "--data", str(data), "--mem-cap", "160tok", "--max-compactions", "6",
-                      "--max-new-tokens", "400", "--greedy", "--out", "run", "--results-dir", str(out)]) == 0
+                      "--max-new-tokens", "400", "--greedy", "--name", "run", "--out", str(out)]) == 0
 
     records = [json.loads(line) for line in (out / "run.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == [0, 1]

@@ -1,4 +1,4 @@
-"""The CLI as a user runs it: a subprocess, one-line errors with exit code 2, a complete trace."""
+"""The CLI as a user runs it: a subprocess, a complete trace (the one-line errors: test_bad_input.py)."""
 
 from __future__ import annotations
 
@@ -41,72 +41,11 @@ def test_mem_cap_parsing(text, value, unit):
     assert (cap.value, cap.unit) == (value, unit)
 
 
-@pytest.mark.parametrize("text", ["", "8XB", "GB", "-5GB", "1.5tok", "0MB", "8 G B"])
+@pytest.mark.parametrize("text", ["", "8XB", "GB", "-5GB", "1.5tok", "0MB", "8 G B", "1e400", "1e400tok", "1e30",
+                                  "5e9tok", "nan", "inf", float("inf"), float("nan"), True])
 def test_mem_cap_rejects_garbage(text):
     with pytest.raises(AgentloopError):
         parse_mem_cap(text)
-
-
-def _one_line_error(result, *needles):
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
-def test_bad_mem_cap_string(tmp_path):
-    _one_line_error(agentloop("run", write_task(tmp_path, GOOD), "--mem-cap", "12 parsecs"), "parsecs", "mem-cap")
-
-
-def test_unknown_policy(tmp_path):
-    _one_line_error(agentloop("run", write_task(tmp_path, GOOD), "--policy", "magic"), "magic", "streaming")
-
-
-def test_unknown_policy_in_file(tmp_path):
-    task = write_task(tmp_path, GOOD.replace("truncate", "evict-all"))
-    _one_line_error(agentloop("run", task), "memory.policy", "evict-all")
-
-
-def test_missing_model_file(tmp_path):
-    _one_line_error(agentloop("run", write_task(tmp_path, GOOD), "--model", str(tmp_path / "nope.gguf")), "nope.gguf")
-
-
-def test_corrupt_gguf(tmp_path):
-    bad = tmp_path / "broken.gguf"
-    bad.write_bytes(b"GGUF" + b"\x00" * 64)
-    result = agentloop("run", write_task(tmp_path, GOOD), "--model", str(bad))
-    _one_line_error(result, "broken.gguf")
-
-
-def test_bad_yaml(tmp_path):
-    task = write_task(tmp_path, "model: smollm2-135m\ntask: [unclosed\n")
-    _one_line_error(agentloop("run", task), "bad YAML", "line")
-
-
-def test_unknown_task_field(tmp_path):
-    task = write_task(tmp_path, GOOD + "    temprature: 0.3\n")
-    _one_line_error(agentloop("run", task), "temprature")
-
-
-def test_unknown_nested_field(tmp_path):
-    task = write_task(tmp_path, GOOD.replace("max_new_tokens: 8", "max_new_tokens: 8, nucleus: 0.9"))
-    _one_line_error(agentloop("run", task), "generation.nucleus")
-
-
-def test_missing_task_file(tmp_path):
-    _one_line_error(agentloop("run", str(tmp_path / "absent.yaml")), "absent.yaml")
-
-
-def test_bad_flag():
-    result = agentloop("run")
-    _one_line_error(result, "task")
-
-
-def test_cap_smaller_than_prompt(tmp_path, smollm2):
-    task = write_task(tmp_path, GOOD.replace("policy: truncate", "policy: none"))
-    _one_line_error(agentloop("run", task, "--mem-cap", "8tok"), "too small", "--mem-cap")
 
 
 def test_run_writes_a_complete_trace(tmp_path, smollm2):
@@ -139,17 +78,6 @@ AGENT = """
     max_steps: 2
     generation: {max_new_tokens: 8}
 """
-
-
-@pytest.mark.parametrize("change,needles", [
-    (("[list_dir]", "[list_dir, browser]"), ["field `tools`", "browser"]),
-    (("max_steps: 2", "max_steps: 2\n    memory: {policy: streaming, ratio: 0.5}"), ["memory.ratio"]),
-    (("max_steps: 2", "max_steps: 2\n    memory: {ingest: {ratio: 3}}"), ["memory.ingest.ratio"]),
-    (("tools: [list_dir]", "tools: {shell: {}}"), ["shell tool is off", "enabled: true"]),
-])
-def test_agent_task_errors_are_one_line(tmp_path, change, needles):
-    task = write_task(tmp_path, AGENT.replace(*change))
-    _one_line_error(agentloop("run", task, "--workspace", str(tmp_path)), *needles)
 
 
 def test_agent_run_json_events_and_a_complete_trace(tmp_path, smollm2):

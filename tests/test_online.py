@@ -89,7 +89,7 @@ def test_eviction_baselines_keep_original_slots(tiny_llama, name):
 
 
 @pytest.mark.parametrize("options, message", [({"ratio": 1.5}, "ratio"), ({"method": "zip"}, "unknown compaction"),
-                                              ({"queries": "dreams"}, "query source"), ({"nope": 1}, "no option"),
+                                              ({"queries": "dreams"}, "option 'queries'.*'repeat'"), ({"nope": 1}, "no option"),
                                               ({"prompt_share": 1.0}, "prompt_share")])
 def test_bad_policy_options_are_clear_errors(options, message):
     with pytest.raises(AgentloopError, match=message):

@@ -7,14 +7,11 @@ always returns a `ToolResult`.
 
 from __future__ import annotations
 
-import inspect
-import typing
+import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from pydantic import ConfigDict, ValidationError, create_model
-
+import agentloop
 from agentloop.errors import AgentloopError
 
 from .base import (
@@ -23,14 +20,15 @@ from .base import (
     Tool,
     ToolBox,
     ToolResult,
+    checked_settings,
     function_tool,
     run_tool,
     tool,
     truncate,
 )
 from .files import Workspace, make_list_dir, make_read_file, make_search_files, make_write_file
-from .process import netns_prefix
 from .python import make_python_tool
+from .sandbox import sandbox_problem
 from .shell import DEFAULT_ALLOW, make_shell_tool
 
 # name -> factory(workspace, **settings) -> Tool
@@ -44,26 +42,28 @@ BUILTIN_TOOLS: dict[str, Callable[..., Tool]] = {
 }
 
 
-def _settings(name: str, given: dict[str, Any]) -> dict[str, Any]:
-    """`given` checked against the factory's keyword parameters (all but `workspace`)."""
-    factory = BUILTIN_TOOLS[name]
-    hints = typing.get_type_hints(factory)
-    params = [p for p in inspect.signature(factory).parameters.values() if p.name != "workspace"]
-    model = create_model(f"{name}_settings", __config__=ConfigDict(extra="forbid"),
-                         **{p.name: (hints[p.name], p.default) for p in params})
-    try:
-        return dict(model.model_validate(given))
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            valid = ", ".join(p.name for p in params) or "none"
-            raise AgentloopError(f"unknown setting {where!r} for tool {name}; valid settings: {valid}") from None
-        raise AgentloopError(f"tool {name} setting {where!r}: {err['msg']}; fix it in the tool settings") from None
+def check_workspace(workspace: Path, allow_broad: bool = False) -> None:
+    """AgentloopError unless `workspace` is a folder; unless `allow_broad`, also if it is /, holds the home
+    folder, the current folder (strictly: the current folder itself is fine) or agentloop's own files."""
+    if not Path(workspace).is_dir():
+        raise AgentloopError(f"workspace {str(workspace)!r} is not a directory; create it or point to one")
+    if allow_broad:
+        return
+    real = os.path.realpath(workspace)
+    guarded = [(os.path.realpath(Path.home()), "your home folder", True),
+               (os.path.realpath(os.getcwd()), "the current folder", False),
+               (os.path.dirname(os.path.realpath(agentloop.__file__)), "agentloop's own files", True)]
+    for path, what, self_too in guarded:
+        if os.path.commonpath([real, path]) == real and (self_too or real != path):
+            shown = "/ (the whole file system)" if real == "/" else real
+            raise AgentloopError(f"workspace {shown} is too broad: it holds {what}; give the tools a folder of their "
+                                 "own, or set `allow_broad_workspace: true` to use it anyway")
 
 
-def make_tools(names: list[str], workspace: Path, settings: dict[str, dict] | None = None) -> list[Tool]:
-    """The built-in tools `names`, confined to `workspace`, each built with `settings[name]` (keyword arguments)."""
+def make_tools(names: list[str], workspace: Path, settings: dict[str, dict] | None = None,
+               allow_broad_workspace: bool = False) -> list[Tool]:
+    """The built-in tools `names`, confined to `workspace` (checked by `check_workspace`), each built with
+    `settings[name]` (keyword arguments, validated by the factory)."""
     settings = settings or {}
     known = ", ".join(BUILTIN_TOOLS)
     for name in names:
@@ -77,15 +77,15 @@ def make_tools(names: list[str], workspace: Path, settings: dict[str, dict] | No
                                  "remove its settings")
     if len(set(names)) != len(names):
         raise AgentloopError("a tool is listed twice; list each tool once")
-    if not Path(workspace).is_dir():
-        raise AgentloopError(f"workspace {str(workspace)!r} is not a directory; create it or point to one")
+    check_workspace(workspace, allow_broad_workspace)
     if "shell" in names and not settings.get("shell", {}).get("enabled"):
         raise AgentloopError("the shell tool is off; set `enabled: true` in its settings to turn it on")
-    return [BUILTIN_TOOLS[name](Path(workspace), **_settings(name, settings.get(name, {}))) for name in names]
+    return [BUILTIN_TOOLS[name](Path(workspace), **settings.get(name, {})) for name in names]
 
 
 __all__ = [
     "BUILTIN_TOOLS", "DEFAULT_ALLOW", "DEFAULT_MAX_OUTPUT_CHARS", "DEFAULT_TIMEOUT_S", "Tool", "ToolBox", "ToolResult",
-    "Workspace", "function_tool", "make_list_dir", "make_python_tool", "make_read_file", "make_search_files",
-    "make_shell_tool", "make_tools", "make_write_file", "netns_prefix", "run_tool", "tool", "truncate",
+    "Workspace", "check_workspace", "checked_settings", "function_tool", "make_list_dir", "make_python_tool",
+    "make_read_file", "make_search_files", "make_shell_tool", "make_tools", "make_write_file", "run_tool",
+    "sandbox_problem", "tool", "truncate",
 ]

@@ -8,14 +8,17 @@ that must really stop at a deadline (python, shell) run a subprocess with their 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from agentloop.errors import AgentloopError
@@ -78,6 +81,37 @@ def tool(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
     if fn is None:
         return lambda f: function_tool(f, **options)
     return function_tool(fn, **options)
+
+
+def checked_settings(tool_name: str) -> Callable[[Callable[..., Tool]], Callable[..., Tool]]:
+    """Decorator for a tool factory `f(workspace, **settings)`: the settings are validated against its keyword
+    parameters' annotations (types and `Field` bounds) first, and a bad one is one AgentloopError line naming
+    the setting. The factory's `settings` attribute lists the setting names."""
+    def wrap(factory: Callable[..., Tool]) -> Callable[..., Tool]:
+        hints = typing.get_type_hints(factory, include_extras=True)
+        params = [p for p in inspect.signature(factory).parameters.values() if p.name != "workspace"]
+        model = create_model(f"{tool_name}_settings", __config__=ConfigDict(extra="forbid"),
+                             **{p.name: (hints[p.name], p.default) for p in params})
+
+        @functools.wraps(factory)
+        def build(workspace, **given: Any) -> Tool:
+            try:
+                settings = model.model_validate(given)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(str(p) for p in err["loc"])
+                if err["type"] == "extra_forbidden":
+                    valid = ", ".join(p.name for p in params) or "none"
+                    raise AgentloopError(f"unknown setting {where!r} for tool {tool_name}; valid settings: "
+                                         f"{valid}") from None
+                raise AgentloopError(f"tool {tool_name} setting {where!r}: {err['msg']}; fix it in the tool "
+                                     "settings") from None
+            return factory(workspace, **dict(settings))
+
+        build.settings = [p.name for p in params]
+        return build
+
+    return wrap
 
 
 def truncate(text: str, limit: int) -> tuple[str, int]:

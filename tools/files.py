@@ -12,8 +12,11 @@ import fnmatch
 import os
 import re
 from pathlib import Path
+from typing import Annotated
 
-from .base import Tool, function_tool
+from pydantic import Field
+
+from .base import Tool, checked_settings, function_tool
 
 MAX_MATCHES = 50
 MAX_SEARCH_FILE_BYTES = 2_000_000  # larger files are skipped by search_files
@@ -37,6 +40,7 @@ class Workspace:
         return os.path.relpath(real, self.root)
 
 
+@checked_settings("read_file")
 def make_read_file(workspace: Path) -> Tool:
     ws = Workspace(workspace)
 
@@ -60,6 +64,7 @@ def make_read_file(workspace: Path) -> Tool:
     return function_tool(read_file, retry_safe=True)
 
 
+@checked_settings("write_file")
 def make_write_file(workspace: Path) -> Tool:
     ws = Workspace(workspace)
 
@@ -79,6 +84,7 @@ def make_write_file(workspace: Path) -> Tool:
     return function_tool(write_file, retry_safe=True)
 
 
+@checked_settings("list_dir")
 def make_list_dir(workspace: Path) -> Tool:
     ws = Workspace(workspace)
 
@@ -95,7 +101,8 @@ def make_list_dir(workspace: Path) -> Tool:
     return function_tool(list_dir, retry_safe=True)
 
 
-def make_search_files(workspace: Path, max_matches: int = MAX_MATCHES) -> Tool:
+@checked_settings("search_files")
+def make_search_files(workspace: Path, max_matches: Annotated[int, Field(ge=1, le=10_000)] = MAX_MATCHES) -> Tool:
     ws = Workspace(workspace)
 
     def files_under(real: str, glob: str | None):

@@ -1,24 +1,12 @@
-"""The python tool: run model-written code in a child interpreter confined to the workspace.
+"""The python tool: run model-written code in a child interpreter, confined by the operating system.
 
-What confines it:
-- `sys.executable -I -B` (isolated mode, no bytecode files), cwd = workspace, a minimal environment
-  (PATH, LANG, HOME = TMPDIR = workspace; no proxies, no host secrets), the code passed on stdin.
-- limits: wall timeout (the whole process group is SIGKILLed), RLIMIT_AS (memory), RLIMIT_FSIZE, no core
-  files; set with prlimit before the code is sent (see `process._limit`).
-- a fresh network namespace (`unshare --user --map-root-user --net`) where the machine allows it
-  unprivileged; checked once, silently skipped where it does not work (see `process.netns_prefix`).
-- an audit hook (`sys.addaudithook`), installed by a bootstrap before the user code, that raises
-  PermissionError on every `socket.*` event; on starting processes, sending signals and changing resource
-  limits (`subprocess.Popen`, `os.system`, `os.exec`, `os.fork`, `os.kill`, `resource.setrlimit` ...); on
-  opening a file for writing outside the workspace; and on `os.remove/rename/mkdir/rmdir/symlink/link/
-  chmod/...` and `shutil.rmtree/copy*/move` outside it. Paths go through realpath, so symlinks are caught.
-
-What it does not stop: audit hooks see Python-level operations only. Native code (ctypes, C extensions)
-can open sockets or write files unseen, and so can `os.open(..., dir_fd=...)` relative to a directory
-opened elsewhere; the hook itself is ordinary Python state a determined program could tamper with. Reads
-outside the workspace are allowed. Without the network namespace, the network guard is the hook alone.
-This is a guard against a model's mistakes, not a boundary against hostile code; run that in a container
-or VM.
+The child is `sys.executable -I -B` (isolated mode, no bytecode files) with the code on stdin, run inside the
+bubblewrap sandbox of sandbox.py: it sees a copy of the workspace (read-write, at most `disk_mb`) and a
+read-only runtime, nothing else of the file system; no network; its own PID namespace (nothing it starts
+outlives the call); limits on memory, CPU time, processes and files. That holds for everything it can do
+from inside, ctypes, os.system, subprocesses and compiled code included: the kernel enforces it, not Python.
+Where bubblewrap cannot make the sandbox the tool refuses to be built, unless `unsafe: true`, which runs the
+code as this user with only resource limits and a timeout (and says so on stderr).
 """
 
 from __future__ import annotations
@@ -27,56 +15,32 @@ import os
 import sys
 from pathlib import Path
 
-from .base import Tool, ToolResult, function_tool
-from .process import describe, run_process
+from .base import Tool, ToolResult, checked_settings, function_tool
+from .process import describe, run_unconfined
+from .sandbox import (
+    SETUP_GRACE_S,
+    DiskMB,
+    Limits,
+    MaxFiles,
+    MaxProcesses,
+    MemoryMB,
+    OutputChars,
+    TimeoutS,
+    confinement,
+    run_sandboxed,
+)
 
-# Runs as `python -I -B -c _BOOTSTRAP <workspace>`; reads the user code from stdin.
+# Runs as `python -I -B -c _BOOTSTRAP`; reads the user code from stdin, shows tracebacks without its own frame.
 _BOOTSTRAP = r'''
-import os, sys
+import sys
 
-def _guard(root):
-    import os.path as osp
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-    path_args = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1), "os.link": (0, 1),
-                 "os.symlink": (1,), "os.truncate": (0,), "os.chmod": (0,), "os.chown": (0,), "os.utime": (0,),
-                 "os.chflags": (0,), "os.lchflags": (0,), "os.mkfifo": (0,), "os.mknod": (0,),
-                 "os.setxattr": (0,), "os.removexattr": (0,), "shutil.rmtree": (0,), "shutil.copyfile": (1,),
-                 "shutil.copymode": (1,), "shutil.copystat": (1,), "shutil.copytree": (1,), "shutil.move": (0, 1)}
-    denied = {"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
-              "os.kill", "os.killpg", "pty.spawn", "resource.setrlimit", "resource.prlimit"}
-
-    def outside(path):
-        if isinstance(path, int):
-            return False  # an fd, checked when it was opened
-        real = osp.realpath(os.fsdecode(path))
-        return osp.commonpath([root, real]) != root
-
-    def hook(event, args):
-        if event == "open":
-            path, mode, flags = args
-            writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & write_flags)
-            if writes and path is not None and outside(path):
-                raise PermissionError(f"sandbox: writing outside the workspace is not allowed: {path}")
-        elif event in path_args:
-            for i in path_args[event]:
-                if args[i] is not None and outside(args[i]):
-                    raise PermissionError(f"sandbox: {event} outside the workspace is not allowed: {args[i]}")
-        elif event.startswith("socket."):
-            raise PermissionError(f"sandbox: network access is not allowed ({event})")
-        elif event in denied:
-            raise PermissionError(f"sandbox: processes, signals and resource limits are off limits ({event})")
-
-    sys.addaudithook(hook)
-
-def _run(root):
+def _run():
     import linecache, traceback
     code = sys.stdin.read()
-    _guard(root)
     sys.argv = [""]
     linecache.cache["<code>"] = (len(code), None, code.splitlines(True), "<code>")
     main = sys.modules["__main__"].__dict__
-    for name in ("_guard", "_run"):
-        main.pop(name, None)
+    main.pop("_run", None)
     try:
         exec(compile(code, "<code>", "exec"), main)
     except SystemExit:
@@ -85,14 +49,19 @@ def _run(root):
         traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)
         sys.exit(1)
 
-_run(sys.argv[1])
+_run()
 '''
 
 
-def make_python_tool(workspace: Path, timeout_s: float = 10.0, memory_mb: int = 1024, max_output_chars: int = 4000,
-                     network_namespace: bool = True) -> Tool:
-    """The `python` tool for `workspace`; `network_namespace` False skips unshare even where it works."""
+@checked_settings("python")
+def make_python_tool(workspace: Path, timeout_s: TimeoutS = 10.0, memory_mb: MemoryMB = 1024, disk_mb: DiskMB = 128,
+                     max_files: MaxFiles = 4096, max_processes: MaxProcesses = 64,
+                     max_output_chars: OutputChars = 4000, unsafe: bool = False) -> Tool:
+    """The `python` tool for `workspace`; `unsafe` runs the code unconfined (never the default)."""
     root = os.path.realpath(workspace)
+    confinement("python", unsafe)
+    limits = Limits(timeout_s, memory_mb, disk_mb, max_files, max_processes, max_output_chars)
+    argv = [sys.executable, "-I", "-B", "-c", _BOOTSTRAP]
 
     def python(code: str) -> ToolResult:
         """Run Python code in the workspace and return what it prints. No network.
@@ -100,11 +69,12 @@ def make_python_tool(workspace: Path, timeout_s: float = 10.0, memory_mb: int = 
         Args:
             code: a Python program; print the results you need
         """
-        outcome = run_process([sys.executable, "-I", "-B", "-c", _BOOTSTRAP, root], cwd=root, timeout_s=timeout_s,
-                              max_chars=max_output_chars, stdin_text=code, memory_mb=memory_mb,
-                              isolate_network=network_namespace)
+        if unsafe:
+            outcome = run_unconfined(argv, root, timeout_s, max_output_chars, code, memory_mb, disk_mb)
+        else:
+            outcome = run_sandboxed(argv, root, limits, code)
         content, error = describe(outcome, timeout_s)
         return ToolResult(ok=error is None, content=content, error=error)
 
     # the runner's own wait is only a backstop: the child is killed at timeout_s
-    return function_tool(python, timeout_s=timeout_s + 10)
+    return function_tool(python, timeout_s=timeout_s + SETUP_GRACE_S + 10)
