@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from agentloop.cache import bytes_per_token, kv_geometry, sliding_bytes
+from agentloop.compaction.solver import head_bytes
 from agentloop.errors import AgentloopError
 from agentloop.memcap import MemCap, format_bytes
 
@@ -137,20 +138,18 @@ def plan(config, dtype: torch.dtype, cap: MemCap | None, policy=None, prefill_ch
     return dataclasses.replace(split(lo), cap_bytes=cap_bytes)
 
 
-def _one_head_fit(head_dim: int, span: int, kept: int, rows: int) -> int:
-    """The solver's scratch for one KV head (agentloop.compaction.span._head_bytes): the least the fits need."""
-    return 4 * ((2 * span + rows) * head_dim + 2 * rows * span + 3 * rows * kept + 4 * kept * kept)
 
 
 def _compaction_reserve(config, dtype, slots: int, policy, workspace_bytes: int) -> tuple[int, int, int, int, int]:
     """(probe slots, query rows per KV head, decode-time query window, query bytes, fit bytes) a policy needs at a
     cache of `slots` slots.
 
-    The reserve aims at RESERVE_FRACTION of the cache's bytes, or SMALL_RESERVE for small caches. The probe slots and
-    the fits take their share first; the queries get the rest: at least LEAST_ROWS_PER_SLOT rows per kept slot and a
-    LEAST_WINDOW-token decode window, then more rows up to QUERY_ROWS_PER_SLOT per kept slot (and the policy's
-    max_queries), then the policy's whole window. A cache too small for the least of them gets them anyway: its
-    budget then exceeds the aim (the header shows the split)."""
+    The reserve aims at RESERVE_FRACTION of the cache's bytes, or SMALL_RESERVE for small caches. The probe slots
+    come first, then at least LEAST_ROWS_PER_SLOT query rows per kept slot and a LEAST_WINDOW-token decode window.
+    If the rest holds one head's fit of the whole region, the fits get that and the rows grow (up to
+    QUERY_ROWS_PER_SLOT per kept slot and the policy's max_queries) as far as the fit still fits; otherwise the
+    region is fitted in key chunks of FIT_PART slots and the rows take the rest. The decode window gets what is
+    left. A cache too small for the least of them gets them anyway: its budget then exceeds the aim."""
     m, element = _model_sizes(config), torch.empty((), dtype=dtype).element_size()
     if policy is None or not getattr(policy, "compacts_with_queries", False):
         # eviction keeps slots with one layer-sized temporary (index_select before the in-place write)
@@ -162,18 +161,27 @@ def _compaction_reserve(config, dtype, slots: int, policy, workspace_bytes: int)
     groups = m["q_heads"] // m["kv_heads"]
     probe = min(MAX_PROBE, max(MIN_PROBE, slots // PROBE_FRACTION))
     probe += -(slots + probe) % ALIGN_SLOTS  # buffers of a multiple of 16 slots: aligned masks for fused kernels
-    part = min(slots, FIT_PART)  # the solver fits a longer span in key chunks (compact_span), one head at a time at least
     want_rows = min(policy.max_queries, QUERY_ROWS_PER_SLOT * kept)
-    least_rows = min(want_rows, math.ceil(LEAST_ROWS_PER_SLOT * kept))
-    fits = max(_one_head_fit(m["head_dim"], part, max(1, round(part * policy.ratio)), least_rows),
-               int(FIT_FRACTION * cache))
-    room = max(int(RESERVE_FRACTION * cache), SMALL_RESERVE) - workspace_bytes - probe * slot - fits
-    want_window = policy.query_window()
-    rows, window = least_rows, min(want_window, LEAST_WINDOW)
-    spare = room - (rows + groups * window) * per_row  # sources are mixed lazily (QueryMix): one copy of the rows
-    if spare > 0:
-        more = min(want_rows - rows, spare // per_row)
-        rows, spare = rows + more, spare - more * per_row
-        window += min(want_window - window, max(0, spare) // (groups * per_row))
+    rows, window = min(want_rows, math.ceil(LEAST_ROWS_PER_SLOT * kept)), min(policy.query_window(), LEAST_WINDOW)
+    room = max(int(RESERVE_FRACTION * cache), SMALL_RESERVE) - workspace_bytes - probe * slot
+    room -= (rows + groups * window) * per_row
+    floor = int(FIT_FRACTION * cache)
+
+    def whole(n: int) -> int:  # the solver's scratch for one head fitting the whole region with n rows
+        return max(floor, head_bytes(n, slots, kept, m["head_dim"]))
+
+    if whole(rows) <= room:  # the whole region in one fit: as many more rows as still leave room for it
+        lo, hi = rows, want_rows
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if (mid - rows) * per_row + whole(mid) <= room else (lo, mid - 1)
+        room -= (lo - rows) * per_row + whole(lo)
+        rows, fits = lo, whole(lo)
+    else:  # fitted in key chunks of at most FIT_PART slots (compact_span): the rows take the rest
+        part = min(slots, FIT_PART)
+        fits = max(floor, head_bytes(rows, part, max(1, round(part * policy.ratio)), m["head_dim"]))
+        more = max(0, min(want_rows - rows, (room - fits) // per_row))
+        rows, room = rows + more, room - fits - more * per_row
+    window += min(policy.query_window() - window, max(0, room) // (groups * per_row))
     queries = (rows + groups * window) * per_row
     return probe, rows, window, queries, fits

@@ -27,7 +27,7 @@ def main(task: str) -> int:
     workspace = Path(tempfile.mkdtemp(prefix="tiny-coder-"))
     agent = Agent(model="smollm2-135m", messages=WORKED_EXAMPLE, tools=["python"], workspace=str(workspace),
                   max_steps=4, generation={"max_new_tokens": 120},
-                  memory={"cap": "48MB", "policy": "am", "pin_prompt": True,  # online compaction at the cap
+                  memory={"cap": "96MB", "policy": "am", "pin_prompt": True,  # online compaction at the cap
                           "ingest": {"trigger_tokens": 400, "ratio": 0.2}})  # long tool outputs shrink 5x at once
 
     @agent.add_tool

@@ -171,7 +171,7 @@ def test_heads_compacted_before_a_failure_keep_their_fit(tiny_llama, monkeypatch
     keys = [session.cache.layers[i].keys.clone() for i in session.cache.compactable]
     _failing_compact(monkeypatch, fail_on=3, error=torch.OutOfMemoryError("injected out of memory"))
     rows = 2 * (48 + 0)  # the repeat re-read of a bare model reads the context: 2 query heads per KV head
-    stats = span.compact_span(session, 0, 48, 0.5, scratch_bytes=span._head_bytes(rows, 48, 24, 16))
+    stats = span.compact_span(session, 0, 48, 0.5, scratch_bytes=span.head_bytes(rows, 48, 24, 16))
     assert "OutOfMemoryError" in stats.fallback and stats.evicted_heads == 4
     kept = torch.cat([torch.arange(4), torch.arange(28, 48)])  # the fallback: 4 sinks and the 20 newest slots
     for n, i in enumerate(session.cache.compactable):

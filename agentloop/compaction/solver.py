@@ -461,6 +461,13 @@ def _fixed_indices(selector: str, H: int, T: int, t: int, seed: int) -> Tensor |
     return None
 
 
+def head_bytes(rows: int, span: int, kept: int, head_dim: int) -> int:
+    """Scratch of one head's compaction (fp32): its keys, values and queries, the shifted exponentials [rows, span]
+    and a block of attention scores, the design and softmax matrices [rows, kept], and the kept x kept systems (the
+    Gram matrices, a Cholesky factor, their float64 fallback)."""
+    return 4 * ((2 * span + rows) * head_dim + rows * span + 256 * span + 2 * rows * kept + 8 * kept * kept)
+
+
 def default_chunk_bytes(device: torch.device) -> int:
     return CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
 

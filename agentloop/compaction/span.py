@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from agentloop.compaction.queries import QueryMix, mix, repeat_queries, self_study_queries
-from agentloop.compaction.solver import CHUNK_BYTES, SINKS, STAGES, compact, default_chunk_bytes, row_max_lse
+from agentloop.compaction.solver import CHUNK_BYTES, SINKS, STAGES, compact, default_chunk_bytes, head_bytes, row_max_lse
 
 QuerySources = tuple[tuple[str, float], ...]
 RECENT_WINDOW = 32  # tokens whose queries the `recent` source keeps
@@ -190,7 +190,7 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                   for lo, hi in bounds]
     real_slots = torch.stack(part_slots).sum(0)  # [layers * kv_heads]
     layer_slots = real_slots.view(len(layers), heads).amax(1).tolist()  # each layer keeps its largest head budget
-    per_head = _head_bytes(rows, max(hi - lo for lo, hi in bounds), int(max(p.max() for p in part_slots)),
+    per_head = head_bytes(rows, max(hi - lo for lo, hi in bounds), int(max(p.max() for p in part_slots)),
                            cache.head_dim)
     group = max(1, scratch // per_head)
 
@@ -257,21 +257,15 @@ def _free_scratch(cache) -> None:
         torch.cuda.empty_cache()
 
 
-def _head_bytes(rows: int, span: int, kept: int, head_dim: int = 128) -> int:
-    """Scratch of one head's compaction: its keys, values and queries in fp32, two [rows, span] matrices (the shifted
-    exponentials and the attention scores), the design and softmax matrices [rows, kept], two [kept, kept] systems."""
-    return 4 * ((2 * span + rows) * head_dim + 2 * rows * span + 3 * rows * kept + 4 * kept * kept)
-
-
 def _part_length(rows: int, span: int, kept: int, scratch: int, head_dim: int) -> int | None:
     """The longest key chunk whose one-head scratch fits `scratch` (None: the whole span fits)."""
-    if _head_bytes(rows, span, kept, head_dim) <= scratch:
+    if head_bytes(rows, span, kept, head_dim) <= scratch:
         return None
     ratio = kept / span
     lo, hi = min(16, span), span
     while lo < hi:  # the longest chunk that fits, by bisection
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if _head_bytes(rows, mid, max(1, round(mid * ratio)), head_dim) <= scratch else (lo, mid - 1)
+        lo, hi = (mid, hi) if head_bytes(rows, mid, max(1, round(mid * ratio)), head_dim) <= scratch else (lo, mid - 1)
     return lo
 
 
