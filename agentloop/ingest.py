@@ -64,7 +64,8 @@ def ingest_result(session, ids: list[int], spec: IngestSpec, task_ids: list[int]
             yield event
         verbatim = len(session.token_ids) - policy_marks[-1] if policy_marks else len(piece)
         about = {"piece": piece_no, "piece_start": pos, "piece_end": pos + size}
-        edges = {"keep_first": spec.keep_first if pos == 0 else 0,
+        # the piece's head is only still verbatim if the policy did not compact during its prefill
+        edges = {"keep_first": spec.keep_first if pos == 0 and verbatim == len(piece) else 0,
                  "keep_last": spec.keep_last if pos + size == len(ids) else 0}
         pos += size
         if verbatim - edges["keep_first"] - edges["keep_last"] < 2:

@@ -66,7 +66,7 @@ def test_info_reports_bytes_per_token(smollm2):
     result = agentloop("info", "smollm2-135m", "--mem-cap", "2048tok")
     assert result.returncode == 0, result.stderr
     # SmolLM2-135M: 30 layers x 3 KV heads x 64 dims x 2 x 4 bytes = 46,080 B/token in fp32
-    assert "46,080 B/token" in result.stdout and "2,048 cache slots" in result.stdout
+    assert "46,080 B/token" in result.stdout and "cache 90.0 MiB (2,048 slots)" in result.stdout
 
 
 # ---- agent tasks (a task with `tools`)
