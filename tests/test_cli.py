@@ -65,8 +65,9 @@ def test_run_writes_a_complete_trace(tmp_path, smollm2):
 def test_info_reports_bytes_per_token(smollm2):
     result = agentloop("info", "smollm2-135m", "--mem-cap", "2048tok")
     assert result.returncode == 0, result.stderr
-    # SmolLM2-135M: 30 layers x 3 KV heads x 64 dims x 2 x 4 bytes = 46,080 B/token in fp32
-    assert "46,080 B/token" in result.stdout and "cache 90.0 MiB (2,048 slots)" in result.stdout
+    # SmolLM2-135M: 30 layers x 3 KV heads x 64 dims x 2 x 4 bytes = 46,080 B/token in fp32, + 30 x 3 x 4 B of β;
+    # 2,048 slots x 46,440 B = 90.7 MiB
+    assert "46,080 B/token" in result.stdout and "cache 90.7 MiB (2,048 slots)" in result.stdout
 
 
 # ---- agent tasks (a task with `tools`)
