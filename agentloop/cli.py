@@ -20,7 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run a task file to the end")
-    run.add_argument("task", help="path to a task.yaml")
+    run.add_argument("task", nargs="?", help="path to a task.yaml")
+    run.add_argument("--resume", metavar="TRACE_OR_CHECKPOINT",
+                     help="continue a run that was killed or interrupted, from its trace (.jsonl) or checkpoint (.ckpt)")
+    run.add_argument("--checkpoint-every", type=int, default=256, metavar="N",
+                     help="save a checkpoint (next to the trace, .ckpt) after each compaction and every N tokens; "
+                          "0 = no checkpoints (default 256)")
     run.add_argument("--mem-cap", help="KV-cache cap: 8GB, 512MiB, 1.5GB, 2e9 or 2048tok (overrides the task)")
     run.add_argument("--policy", help="memory policy at the cap (overrides the task)")
     run.add_argument("--model", help="model id, directory, .gguf file or alias (overrides the task)")
@@ -127,46 +132,124 @@ def _apply_overrides(args):
     return validate_task(data, source="command line")
 
 
+_RESUME_FIXED = ("task", "mem_cap", "policy", "model", "dtype", "device", "max_new_tokens", "seed", "trace",
+                 "max_steps", "workspace")
+
+
 def cmd_run(args) -> int:
+    if args.checkpoint_every < 0:
+        raise AgentloopError(f"--checkpoint-every must be >= 0 tokens (0 = no checkpoints), got {args.checkpoint_every}")
+    if args.resume is not None:
+        return cmd_resume(args)
+    if args.task is None:
+        raise AgentloopError("give a task file to run, or --resume TRACE_OR_CHECKPOINT to continue a run")
     task = _apply_overrides(args)
     if task.chat() is None and task.prompt is None:
         raise AgentloopError(f"{args.task}: nothing to run; give `task`, `messages` or `prompt`")
     _quiet_transformers()
+    trace_path = task.trace or f".agentloop/traces/{task.name or 'task'}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     if task.tools:
-        return cmd_agent(task, args)
-    from rich.console import Console
+        from agentloop.agent import Agent
+        from agentloop.checkpoint import checkpoint_path
 
+        agent = Agent(task.model_copy(update={"trace": trace_path}), checkpoint=checkpoint_path(trace_path),
+                      checkpoint_every=args.checkpoint_every)
+        return cmd_agent(agent, args)
     from agentloop.chat import encode_messages, encode_text
     from agentloop.loop import Session
-    from agentloop.memcap import format_bytes, parse_mem_cap
+    from agentloop.memcap import parse_mem_cap
     from agentloop.models import load_model
     from agentloop.policies import make_policy
-    from agentloop.trace import JsonlTrace
-    from agentloop.view import LiveView
 
-    console = Console(stderr=True, soft_wrap=True)  # log lines are not cut at 80 columns when piped
     policy = make_policy(task.memory.policy, **task.memory.options)
     cap = parse_mem_cap(task.memory.cap) if task.memory.cap else None
     loaded = load_model(task.model, dtype=task.dtype, device=task.device)
     chat = task.chat()
     prompt = encode_messages(loaded.tokenizer, chat) if chat is not None else encode_text(loaded.tokenizer, task.prompt)
     session = Session(loaded, cap=cap, policy=policy)
-    trace_path = task.trace or f".agentloop/traces/{task.name or 'task'}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-    chatty = not (args.json or args.quiet)
+    return run_session(task, session, prompt, trace_path, args)
 
-    with JsonlTrace(trace_path) as trace:
-        trace.write({"kind": "run", "task": task.model_dump(mode="json"), "model_source": loaded.source,
-                     "prompt_tokens": len(prompt), "cap_bytes": session.cap_bytes, "cap_slots": session.cap_slots})
+
+def cmd_resume(args) -> int:
+    """`run --resume`: the run saved in a checkpoint goes on, in the same trace, with the same settings."""
+    fixed = [name for name in _RESUME_FIXED if getattr(args, name) is not None]
+    if fixed:
+        flag = "the task file" if fixed[0] == "task" else "--" + fixed[0].replace("_", "-")
+        raise AgentloopError(f"--resume continues a run with the settings it was started with; drop {flag}")
+    _quiet_transformers()
+    from agentloop.checkpoint import read_checkpoint, resolve_resume
+    from agentloop.task import validate_task
+
+    path = resolve_resume(args.resume)
+    extra = read_checkpoint(path)["extra"]
+    if extra.get("kind") == "agent":
+        from agentloop.agent import Agent
+
+        return cmd_agent(Agent.resume(path, checkpoint_every=args.checkpoint_every), args)
+    if extra.get("kind") != "run":
+        raise AgentloopError(f"{path} is a session checkpoint without a run to continue (written by {extra.get('kind')!r})")
+    from agentloop.checkpoint import load_session
+    from agentloop.models import load_model
+
+    task = validate_task(extra["task"], source=str(path))
+    loaded = load_model(task.model, dtype=task.dtype, device=task.device)
+    session, _ = load_session(loaded, path)
+    return run_session(task, session, extra["prompt"], extra["trace"], args, resumed=(path, extra))
+
+
+def run_session(task, session, prompt: list[int], trace_path: str, args, resumed: tuple | None = None) -> int:
+    """Prefill what of `prompt` the session does not hold yet and generate to the end (a resumed session
+    continues its generation), with the live view or log lines, the JSONL trace and checkpoints."""
+    from rich.console import Console
+
+    from agentloop.checkpoint import Checkpointer, checkpoint_path
+    from agentloop.memcap import format_bytes, parse_mem_cap
+    from agentloop.trace import JsonlTrace
+    from agentloop.view import LiveView
+
+    console = Console(stderr=True, soft_wrap=True)  # log lines are not cut at 80 columns when piped
+    loaded, policy = session.loaded, session.policy
+    cap = parse_mem_cap(task.memory.cap) if task.memory.cap else None
+    chatty = not (args.json or args.quiet)
+    checkpointer = Checkpointer(checkpoint_path(trace_path), args.checkpoint_every)
+    done = len(session.token_ids)
+    generated = max(0, done - len(prompt))
+    # policy actions before generate() started: the stop record counts the generation's own, as a run never stopped
+    actions_before = resumed[1]["actions_before_generate"] if resumed else 0
+    in_prefill = done < len(prompt)
+
+    def extra() -> dict:
+        return {"kind": "run", "task": task.model_dump(mode="json"), "prompt": prompt, "trace": str(trace_path),
+                "actions_before_generate": actions_before}
+
+    with JsonlTrace(trace_path, append=resumed is not None) as trace:
+        if resumed:
+            trace.write({"kind": "resume", "checkpoint": str(resumed[0]), "tokens": done, "generated": generated,
+                         "policy_actions": session.policy_actions})
+            if chatty:
+                console.print(describe_memory(loaded.model.config, loaded.dtype, cap))
+                console.print(f"resumed from {resumed[0]}: {done} tokens held, {generated} generated, "
+                              f"{session.policy_actions} policy actions; policy {policy.name}; trace {trace_path}")
+        else:
+            trace.write({"kind": "run", "task": task.model_dump(mode="json"), "model_source": loaded.source,
+                         "prompt_tokens": len(prompt), "cap_bytes": session.cap_bytes, "cap_slots": session.cap_slots})
         view, stop = None, None
         try:
             for event in _events(session, prompt, task.generation):
+                if event.kind == "stop":
+                    event = event.model_copy(update={"policy_actions": session.policy_actions - actions_before})
                 trace.write(event)
-                if event.kind == "prefill" and chatty:  # the prompt fits: describe the run, start the view
+                if event.kind == "prefill":
+                    in_prefill, actions_before = False, session.policy_actions
+                # a policy event during a prefill comes before its chunk: the session is between steps
+                if checkpointer.observe(event, between_steps=event.kind in ("token", "prefill") or in_prefill):
+                    checkpointer.save(session, extra())
+                if event.kind == "prefill" and chatty and not resumed:  # the prompt fits: describe the run
                     console.print(describe_memory(loaded.model.config, loaded.dtype, cap))
                     console.print(f"policy {policy.name}; prompt {len(prompt)} tokens; trace {trace_path}")
-                    if console.is_terminal:
-                        view = LiveView(console, f"{task.name} · {loaded.name} · {policy.name}",
-                                        session.cap_bytes, task.generation.max_new_tokens).__enter__()
+                if chatty and console.is_terminal and view is None and event.kind in ("prefill", "token"):
+                    view = LiveView(console, f"{task.name} · {loaded.name} · {policy.name}",
+                                    session.cap_bytes, task.generation.max_new_tokens).__enter__()
                 if args.json:
                     print(event.model_dump_json(), flush=True)
                 elif view:
@@ -183,10 +266,13 @@ def cmd_run(args) -> int:
         except KeyboardInterrupt:
             trace.write({"kind": "stop", "reason": "cancelled", "error": True, "message": "interrupted by the user",
                          "new_tokens": len(session.token_ids) - len(prompt)})
+            if checkpointer.saves or resumed:
+                console.print(f"agentloop: resume with `agentloop run --resume {trace_path}`")
             raise
         finally:
             if view:
                 view.__exit__(None, None, None)
+    checkpointer.remove()  # the run finished: nothing left to resume
 
     if not args.json:
         print(stop.text)
@@ -197,18 +283,16 @@ def cmd_run(args) -> int:
     return 3 if stop.error else 0
 
 
-def cmd_agent(task, args) -> int:
+def cmd_agent(agent, args) -> int:
     """A task with tools: the agent loop, shown as a live panel (terminal), a log, the answer only, or JSON."""
     from rich.console import Console
     from rich.markup import escape
 
-    from agentloop.agent import Agent
     from agentloop.memcap import parse_mem_cap
     from agentloop.view import AgentView, describe_agent_event
 
     console = Console(stderr=True, soft_wrap=True)  # log lines are not cut at 80 columns when piped
-    trace_path = task.trace or f".agentloop/traces/{task.name or 'task'}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-    agent = Agent(task, trace=trace_path)
+    task, trace_path = agent.spec, agent.spec.trace
     chatty = not (args.json or args.quiet)
     if chatty:
         cap = parse_mem_cap(task.memory.cap) if task.memory.cap else None
@@ -230,11 +314,16 @@ def cmd_agent(task, args) -> int:
             elif chatty and (line := describe_agent_event(event)):
                 console.print(line)
             finish = event if event.kind == "finish" else finish
+    except KeyboardInterrupt:
+        console.print(f"agentloop: resume with `agentloop run --resume {trace_path}`")
+        raise
     finally:
         events.close()  # an interrupted run still ends its trace with a `cancelled` record
         if view:
             view.__exit__(None, None, None)
         agent.close()
+    if not finish.error:
+        agent.remove_checkpoint()  # the run finished: nothing left to resume
 
     if finish.reason == "error":
         print(f"agentloop: error: {finish.message}", file=sys.stderr)
@@ -250,8 +339,11 @@ def cmd_agent(task, args) -> int:
 
 
 def _events(session, prompt, settings):
-    yield from session.feed(prompt)
-    yield from session.generate(settings)
+    """Feed the part of `prompt` the session does not hold, then generate (continuing a restored generation)."""
+    done = len(session.token_ids)
+    if done < len(prompt):
+        yield from session.feed(prompt[done:])
+    yield from session.generate(settings, start=max(0, done - len(prompt)))
 
 
 def cmd_eval(args) -> int:

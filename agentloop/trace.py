@@ -10,10 +10,14 @@ from pydantic import BaseModel
 
 
 class JsonlTrace:
-    def __init__(self, path: str | Path):
+    """`append=True` continues an existing trace (a resumed run); a last line cut by a kill is dropped first."""
+
+    def __init__(self, path: str | Path, append: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w", encoding="utf-8")
+        if append and self.path.is_file():
+            _drop_torn_line(self.path)
+        self._file = open(self.path, "a" if append else "w", encoding="utf-8")
 
     def write(self, record: BaseModel | dict[str, Any]) -> None:
         data = record.model_dump(mode="json") if isinstance(record, BaseModel) else record
@@ -29,3 +33,10 @@ class JsonlTrace:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _drop_torn_line(path: Path) -> None:
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
