@@ -45,6 +45,27 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--dtype", default="auto")
     info.add_argument("--mem-cap", help="also show what this cap means in tokens")
 
+    serve = sub.add_parser("serve", help="an OpenAI-compatible server whose conversations share one memory cap")
+    serve.add_argument("--model", default=None, help="model id, directory, .gguf file or alias (default smollm2-135m)")
+    serve.add_argument("--mem-cap", default="8GB", help="cap on the KV caches of all conversations together (default 8GB)")
+    serve.add_argument("--session-cap", help="cap of one conversation's cache (default: a quarter of --mem-cap)")
+    serve.add_argument("--policy", default="am", help="memory policy of each conversation at its cap (default am)")
+    serve.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="a policy option, e.g. ratio=0.5 (repeatable)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
+    serve.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    serve.add_argument("--queue-timeout", type=float, default=60.0,
+                       help="seconds a request may wait for room before it is answered 503 (default 60)")
+    serve.add_argument("--park-dir", help="folder for conversations parked to disk (default: a new temporary folder)")
+    serve.add_argument("--no-idle-compaction", action="store_true",
+                       help="make room by parking idle conversations only, never by compacting them")
+    serve.add_argument("--no-reuse", action="store_true",
+                       help="stateless: every request re-reads its whole conversation (for comparison)")
+    serve.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
+
     evals = sub.add_parser("eval", help="run a benchmark or eval from evals/", add_help=False)
     evals.add_argument("name", nargs="?", help="eval name (omit to list them)")
     evals.add_argument("rest", nargs=argparse.REMAINDER)
@@ -58,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "info":
             return cmd_info(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         return cmd_eval(args)
     except AgentloopError as exc:
         print(f"agentloop: error: {exc}", file=sys.stderr)
@@ -344,6 +367,45 @@ def _events(session, prompt, settings):
     if done < len(prompt):
         yield from session.feed(prompt[done:])
     yield from session.generate(settings, start=max(0, done - len(prompt)))
+
+
+def cmd_serve(args) -> int:
+    """`agentloop serve`: load the model once, then answer OpenAI chat completion requests until interrupted."""
+    import yaml
+
+    from agentloop.memcap import format_bytes, parse_mem_cap
+    from agentloop.policies import make_policy
+
+    cap = parse_mem_cap(args.mem_cap)
+    session_cap = args.session_cap or (f"{cap.value // 4}tok" if cap.unit == "tokens" else str(cap.value // 4))
+    parse_mem_cap(session_cap)
+    options = {}
+    for item in args.policy_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AgentloopError(f"--policy-option {item!r}: write KEY=VALUE, e.g. ratio=0.5")
+        options[key] = yaml.safe_load(value)
+    make_policy(args.policy, **options)  # unknown policy or option: fail before the model loads
+    if not 0 < args.port < 65536:
+        raise AgentloopError(f"--port {args.port} is not a TCP port (1-65535)")
+    if args.queue_timeout <= 0:
+        raise AgentloopError(f"--queue-timeout must be positive seconds, got {args.queue_timeout:g}")
+    _quiet_transformers()
+    from agentloop.models import DEFAULT_MODEL, load_model
+    from agentloop.server import build_engine, serve
+
+    loaded = load_model(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device)
+    engine = build_engine(loaded, cap.to_bytes(loaded.model.config, loaded.dtype), session_cap, args.policy, options,
+                          model_name=args.served_model_name, park_dir=args.park_dir,
+                          idle_compaction=not args.no_idle_compaction, reuse=not args.no_reuse,
+                          queue_timeout=args.queue_timeout)
+    pool = engine.pool
+    print(f"agentloop serve: {engine.model_name} on {loaded.device}; cap {format_bytes(pool.cap_bytes)} for all "
+          f"conversations, {format_bytes(pool.session_cap_bytes)} each; policy {args.policy}"
+          f"{'' if engine.reuse else '; session reuse off'}; parked to {pool.park_dir}; "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    serve(engine, args.host, args.port, log_level=args.log_level)
+    return 0
 
 
 def cmd_eval(args) -> int:

@@ -116,6 +116,32 @@ def test_a_tiny_run_killed_at_five_random_moments_resumes_to_the_same_tokens(tin
     assert "it finished" in capsys.readouterr().err
 
 
+def test_an_agent_task_run_from_the_cli_resumes_from_its_trace(tiny_dir, tmp_path):
+    """`agentloop run --resume` on an agent task: the tiny model decodes its (final) reply itself; killed mid-reply,
+    the resumed run ends with the same answer."""
+    (tmp_path / "ws").mkdir()
+    task = tmp_path / "agent.yaml"
+    task.write_text(textwrap.dedent(f"""
+        model: {tiny_dir}
+        task: List the files.
+        tools: [list_dir]
+        workspace: ws
+        generation: {{max_new_tokens: 120, ignore_eos: true}}
+        memory: {{cap: 96tok, policy: am, options: {{record_window: 32, max_queries: 256}}}}
+    """))
+    reference = finish(start(*cli("run", str(task), "--json", "--trace", str(tmp_path / "ref.jsonl"))))[-1]
+    assert reference["kind"] == "finish" and reference["policy_actions"] >= 1
+    trace = tmp_path / "run.jsonl"
+    kill_when(start(*cli("run", str(task), "--json", "--trace", str(trace), "--checkpoint-every", "8")),
+              lambda e: e.get("kind") == "token" and e["step"] >= 60)
+    resumed = finish(start(*cli("run", "--resume", str(trace), "--json")))[-1]
+    assert (resumed["reason"], resumed["answer"], resumed["policy_actions"]) == (
+        reference["reason"], reference["answer"], reference["policy_actions"])
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert [r["kind"] for r in records].count("resume") == 1 and records[-1]["kind"] == "finish"
+    assert not trace.with_suffix(".ckpt").exists()
+
+
 # --- an agent run, killed mid tool loop and mid reply ------------------------------------------------------
 def test_an_agent_run_killed_mid_tool_loop_and_mid_reply_finishes_with_the_same_transcript(smollm2, tmp_path):
     def workdir(name: str) -> Path:
