@@ -420,6 +420,12 @@ def test_the_pool_compacts_idle_sessions_before_it_parks_them_and_never_passes_t
     assert pool.make_room(pool.need(old))
     assert pool.restore(old) is None and len(old.session.token_ids) == 60 and old.idle_compacted
     assert not (tmp_path / f"{old.id}.ckpt").exists() and pool.stats.restored == 1
+    # a parked file that is damaged: the conversation is dropped from the pool, and the caller is told why
+    if newer.session is not None:
+        pool.park(newer)
+    (tmp_path / f"{newer.id}.ckpt").write_bytes(b"damaged")
+    notice = pool.restore(newer)
+    assert "could not be loaded back" in notice and newer.id not in pool.conversations and pool.stats.lost == 1
     # when running turns hold the rest, nothing is parked for nothing: the request waits
     for conv in pool.resident():
         conv.running = True

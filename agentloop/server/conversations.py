@@ -180,6 +180,7 @@ class Pool:
             conv.session, _ = load_session(self.loaded, path)
         except (AgentloopError, OSError) as exc:
             self.stats.lost += 1
+            self.conversations.pop(conv.id, None)
             return f"the parked conversation {conv.id} could not be loaded back ({exc}); its messages were read again"
         finally:
             path.unlink(missing_ok=True)

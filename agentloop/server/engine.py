@@ -146,8 +146,16 @@ class Engine:
                 if not self.waiting:
                     return
                 turn = self.waiting[0]
-            if not self._start(turn):
-                return  # the oldest request waits for a running turn to end; later ones wait behind it
+            try:
+                if not self._start(turn):
+                    return  # the oldest request waits for a running turn to end; later ones wait behind it
+            except Exception as exc:  # making room failed (a disk that cannot take a parked session, say)
+                with self._cond:
+                    self.waiting.popleft()
+                self.counters.failed += 1
+                turn.sink({"kind": "error", "error": ApiError(500, f"could not make room for the request: "
+                                                                   f"{_one_line(exc)}", type="server_error")})
+                continue
             with self._cond:
                 self.waiting.popleft()
             self.running.append(turn)
@@ -183,7 +191,10 @@ class Engine:
             pass
         except _Cancelled:
             self.counters.cancelled += 1
-            self.pool.close(turn.conv) if turn.discard else self._end(turn)
+            if turn.discard:
+                self.pool.close(turn.conv)
+            else:
+                self._end(turn)
         except ApiError as error:
             self._fail(turn, error)
         except AgentloopError:  # the one the loop raises: a prefill chunk that no compaction makes room for
@@ -194,9 +205,8 @@ class Engine:
                 "--session-cap" + ("; the conversation was closed" if turn.held else ""),
                 param="messages", code="context_length_exceeded"))
         except Exception as exc:  # a bug: the request fails with a one-line error, the server goes on
-            line = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            print(f"agentloop serve: internal error in a turn: {line}", file=sys.stderr)
-            self._fail(turn, ApiError(500, f"internal error: {line}", type="server_error"))
+            print(f"agentloop serve: internal error in a turn: {_one_line(exc)}", file=sys.stderr)
+            self._fail(turn, ApiError(500, f"internal error: {_one_line(exc)}", type="server_error"))
         self.running.remove(turn)
 
     def _fail(self, turn: Turn, error: ApiError) -> None:
@@ -322,6 +332,11 @@ class Engine:
 
 class _Cancelled(Exception):
     pass
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _text_so_far(session, steps: int, conv: Conversation) -> str:
