@@ -108,11 +108,14 @@ def load_session(loaded, source: str | Path | dict[str, Any]):
     policy_saved = state["policy"]
     policy = make_policy(policy_saved["name"], **policy_saved["options"])
     restore_policy(policy, policy_saved)
-    session = Session(loaded, cap=state["cap_bytes"], policy=policy, prefill_chunk=state["prefill_chunk"])
-    if session.cap_slots != state["cap_slots"]:
-        raise AgentloopError(f"the checkpoint's cap ({state['cap_bytes']:,} B for {state['cap_slots']} cache slots) "
-                             f"gives {session.cap_slots} slots in this version of agentloop; resume it with the "
-                             "version that wrote it")
+    saved_cap = (state["cap_bytes"], state["cap_slots"])
+    for cap in (state["cap_bytes"], f"{state['cap_slots']}tok" if state["cap_slots"] else None):  # a byte or slot cap
+        session = Session(loaded, cap=cap, policy=policy, prefill_chunk=state["prefill_chunk"])
+        if (session.cap_bytes, session.cap_slots) == saved_cap:
+            break
+    else:
+        raise AgentloopError(f"the checkpoint's cap ({saved_cap[0]:,} B, {saved_cap[1]} cache slots) is split "
+                             "differently by this version of agentloop; resume it with the version that wrote it")
     try:
         session.cache.load_state_dict(state["cache"])
     except (ValueError, RuntimeError) as exc:
