@@ -391,17 +391,21 @@ def cmd_serve(args) -> int:
     if args.queue_timeout <= 0:
         raise AgentloopError(f"--queue-timeout must be positive seconds, got {args.queue_timeout:g}")
     _quiet_transformers()
+    from agentloop.loop import Session
     from agentloop.models import DEFAULT_MODEL, load_model
     from agentloop.server import build_engine, serve
 
     loaded = load_model(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device)
-    engine = build_engine(loaded, cap.to_bytes(loaded.model.config, loaded.dtype), session_cap, args.policy, options,
+    # the server's cap read as a session's would be: bytes as given, or a cache of that many slots plus its scratch
+    cap_bytes = Session(loaded, cap=cap, policy=make_policy(args.policy, **options)).cap_bytes
+    engine = build_engine(loaded, cap_bytes, session_cap, args.policy, options,
                           model_name=args.served_model_name, park_dir=args.park_dir,
                           idle_compaction=not args.no_idle_compaction, reuse=not args.no_reuse,
                           queue_timeout=args.queue_timeout)
     pool = engine.pool
+    idle = "off" if args.no_idle_compaction else "on" if pool.compaction_frees else "off (caches are allocated whole)"
     print(f"agentloop serve: {engine.model_name} on {loaded.device}; cap {format_bytes(pool.cap_bytes)} for all "
-          f"conversations, {format_bytes(pool.session_cap_bytes)} each; policy {args.policy}"
+          f"conversations, {format_bytes(pool.session_cap_bytes)} each; policy {args.policy}; idle compaction {idle}"
           f"{'' if engine.reuse else '; session reuse off'}; parked to {pool.park_dir}; "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     serve(engine, args.host, args.port, log_level=args.log_level)

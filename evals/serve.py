@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conversations", type=int, default=4, help="concurrent conversations (N)")
     parser.add_argument("--turns", type=int, default=6, help="turns per conversation (M)")
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each request")
-    parser.add_argument("--mem-cap", default="480tok", help="the server's cap on all sessions together")
+    parser.add_argument("--mem-cap", default="96MB", help="the server's cap on all sessions together")
     parser.add_argument("--session-cap", default="192tok", help="each conversation's cap")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server process")
     add_output_options(parser, "serve")
@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# `agentloop serve` under load ({args.model})", "",
              f"{args.conversations} conversations x {args.turns} turns, run concurrently (one streaming client each, "
              f"greedy, max_tokens {args.max_tokens}); server cap {args.mem_cap} for all sessions, {args.session_cap} "
-             "per conversation, policy am. Each mode on a fresh server process; times on the client.", "",
+             "per conversation (its cache; a running turn counts the session's whole budget, scratch included), "
+             "policy am. Each mode on a fresh server process; times on the client.", "",
              "| mode | TTFT median (all / turns 2+) | TTFT p90 | tok/s median | tokens prefilled / context carried | "
              "compactions (in turns / idle) | parked / restored | peak cache / cap | wall |",
              "|---|---|---|---|---|---|---|---|---|"]

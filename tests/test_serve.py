@@ -372,62 +372,75 @@ def test_models_health_and_metrics(roomy):
 
 
 
-# --- the pool in-process: compaction before parking, and the cap ------------------------------------------------
-def _held(pool, n_tokens: int, seed: int):
-    """A conversation whose session has read `n_tokens` (a tiny model: no tokenizer needed below the chat format)."""
+# --- the pool in-process: what frees memory, in which order, and the cap --------------------------------------
+def _held(pool, n_tokens: int, seed: int, last_used: float):
+    """A conversation whose session has read `n_tokens` (a tiny model: no chat format needed)."""
     import torch
 
     from agentloop.server.conversations import Conversation
 
-    conv = Conversation(id=f"c{seed}", tools_key="[]", chat=None, messages=[{"role": "user", "content": str(seed)}])
+    conv = Conversation(id=f"c{seed}", tools_key="[]", chat=None, messages=[{"role": "user", "content": str(seed)}],
+                        last_used=last_used)
     conv.session = pool.new_session()
-    ids = torch.randint(5, 500, (n_tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
-    for _ in conv.session.feed(ids):
+    for _ in conv.session.feed(torch.randint(5, 500, (n_tokens,), generator=torch.Generator().manual_seed(seed)).tolist()):
         pass
     pool.conversations[conv.id] = conv
     return conv
 
 
-def test_the_pool_compacts_idle_sessions_before_it_parks_them_and_never_passes_the_cap(tiny_llama, tmp_path):
-    from agentloop.server.conversations import Pool, footprint
+def _pool(loaded, tmp_path, cap: int, pool_class=None):
+    from agentloop.server.conversations import Pool
 
-    def make_pool(cap: int) -> Pool:
-        return Pool(tiny_llama, cap_bytes=cap, session_cap="64tok", policy="am", policy_options={"max_queries": 128},
-                    park_dir=tmp_path)
+    return (pool_class or Pool)(loaded, cap_bytes=cap, session_cap="64tok", policy="am",
+                                policy_options={"max_queries": 128}, park_dir=tmp_path)
 
-    cap = int(2.6 * make_pool(10**9).session_cap_bytes)  # two idle sessions and one running fit, barely
-    pool = make_pool(cap)
-    old, newer = _held(pool, 60, seed=1), _held(pool, 60, seed=2)
-    old.last_used, newer.last_used = 1.0, 2.0
-    assert pool.counted_bytes() == footprint(old.session, False) + footprint(newer.session, False) <= cap
-    # a new session needs its whole cap: compacting the least recently used idle session makes room, nobody is parked
-    before = old.session.cache.nbytes(), newer.session.cache.nbytes()
-    assert pool.make_room(pool.need(None))
-    assert (pool.stats.idle_compactions, pool.stats.parked) == (1, 0)
-    assert old.session.cache.nbytes() < before[0] and old.idle_compacted
-    assert newer.session.cache.nbytes() == before[1] and not newer.idle_compacted
-    assert pool.available() >= pool.session_cap_bytes
-    # with a third session running at its cap, a fourth cannot fit without parking: the least recently used goes
-    third = _held(pool, 10, seed=3)
-    third.running = True
-    assert pool.counted_bytes() <= cap
-    assert pool.make_room(pool.need(None))
-    assert pool.stats.parked >= 1 and old.session is None and (tmp_path / f"{old.id}.ckpt").is_file()
-    assert pool.stats.idle_compactions == 1  # old was compacted in this idle period already, newer had no headroom
-    assert pool.counted_bytes() + pool.session_cap_bytes <= cap
-    # a parked session comes back as it was, once there is room for it
-    third.running = False
-    assert pool.make_room(pool.need(old))
-    assert pool.restore(old) is None and len(old.session.token_ids) == 60 and old.idle_compacted
-    assert not (tmp_path / f"{old.id}.ckpt").exists() and pool.stats.restored == 1
-    # a parked file that is damaged: the conversation is dropped from the pool, and the caller is told why
-    if newer.session is not None:
-        pool.park(newer)
+
+def test_with_caches_allocated_whole_the_pool_parks_the_least_recently_used_and_never_passes_the_cap(tiny_llama,
+                                                                                                   tmp_path):
+    from agentloop.server.conversations import footprint
+
+    probe = _pool(tiny_llama, tmp_path, 10**9)
+    assert not probe.compaction_frees  # the budget allocates a session's cache at its first token
+    idle_bytes = _held(probe, 60, seed=9, last_used=0.0).session.cache.nbytes()
+    session_cap = probe.session_cap_bytes
+    pool = _pool(tiny_llama, tmp_path, session_cap + idle_bytes * 3 // 2)  # one running turn and one idle session
+    old, newer = _held(pool, 60, seed=1, last_used=1.0), _held(pool, 60, seed=2, last_used=2.0)
+    assert pool.counted_bytes() == footprint(old.session, False) + footprint(newer.session, False) == 2 * idle_bytes
+    assert pool.make_room(pool.need(None))  # a new conversation's turn: the least recently used idle one goes
+    assert (pool.stats.idle_compactions, pool.stats.parked) == (0, 1)
+    assert old.session is None and (tmp_path / f"{old.id}.ckpt").is_file() and newer.session is not None
+    assert pool.counted_bytes() + pool.session_cap_bytes <= pool.cap_bytes
+    # when running turns hold the rest, nothing is parked for nothing: the request waits
+    newer.running = True
+    assert not pool.make_room(pool.need(old)) and pool.stats.parked == 1
+    newer.running = False
+    assert pool.make_room(pool.need(old)) and pool.stats.parked == 1  # once newer is idle, old fits beside it
+    assert pool.restore(old) is None and len(old.session.token_ids) == 60 and pool.stats.restored == 1
+    assert not (tmp_path / f"{old.id}.ckpt").exists()
+    # a parked file that is damaged: the conversation leaves the pool, and the caller is told why
+    pool.park(newer)
     (tmp_path / f"{newer.id}.ckpt").write_bytes(b"damaged")
     notice = pool.restore(newer)
     assert "could not be loaded back" in notice and newer.id not in pool.conversations and pool.stats.lost == 1
-    # when running turns hold the rest, nothing is parked for nothing: the request waits
-    for conv in pool.resident():
-        conv.running = True
-    parked = pool.stats.parked
-    assert not pool.make_room(pool.need(None)) and pool.stats.parked == parked
+
+
+def test_where_compaction_frees_memory_idle_sessions_are_compacted_before_any_is_parked(tiny_llama, tmp_path):
+    """A stand-in for a cache whose bytes follow its slots (as before the memory budget preallocated them)."""
+    from agentloop.server.conversations import Pool
+
+    class HeldBytesPool(Pool):
+        def new_session(self):
+            session = super().new_session()
+            session.cache.nbytes = session.cache.held_bytes
+            return session
+
+    probe = _pool(tiny_llama, tmp_path, 10**9, HeldBytesPool)
+    assert probe.compaction_frees
+    held = _held(probe, 60, seed=9, last_used=0.0).session.cache.nbytes()
+    pool = _pool(tiny_llama, tmp_path, probe.session_cap_bytes + 2 * held - held // 6, HeldBytesPool)
+    old, newer = _held(pool, 60, seed=1, last_used=1.0), _held(pool, 60, seed=2, last_used=2.0)
+    assert pool.make_room(pool.need(None))  # compacting the least recently used idle session is enough
+    assert (pool.stats.idle_compactions, pool.stats.parked) == (1, 0)
+    assert old.idle_compacted and old.session.cache.nbytes() < held and old.session.policy_actions == 1
+    assert not newer.idle_compacted and newer.session.cache.nbytes() == held
+    assert pool.counted_bytes() + pool.session_cap_bytes <= pool.cap_bytes

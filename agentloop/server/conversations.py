@@ -8,7 +8,8 @@ agent loop does) and prefilled.
 The server's cap bounds every held session together. `footprint` is the one place that says what a session
 counts: while a turn runs, its whole cap (the cap bounds its cache and the scratch of its compactions); while it
 is idle, its cache's bytes. Before a turn starts, `make_room` frees what it needs: first it compacts idle
-sessions with their own memory policy (once per idle period, and only where the compaction's scratch fits), then
+sessions with their own memory policy (once per idle period, and only where the compaction's scratch fits; only
+where compaction frees memory at all: not with caches allocated whole, see `compaction_frees_memory`), then
 parks the least recently used ones to disk (agentloop.checkpoint, atomic) and drops them from memory. A parked
 conversation is loaded back when its next request comes; one that cannot be loaded back answers as a new
 session, and the response says so. Nothing here runs concurrently: the engine's one worker thread calls it.
@@ -27,6 +28,7 @@ from agentloop.agent import ChatFormat
 from agentloop.checkpoint import load_session, save_session
 from agentloop.errors import AgentloopError
 from agentloop.loop import Session
+from agentloop.memcap import format_bytes
 from agentloop.models import LoadedModel
 from agentloop.policies import Room, make_policy
 
@@ -71,8 +73,10 @@ class Pool:
         self.stats = PoolStats()
         self.session_cap_bytes = self.new_session().cap_bytes  # what a new session's cap comes to, in bytes
         if self.session_cap_bytes > cap_bytes:
-            raise AgentloopError(f"the session cap ({self.session_cap_bytes:,} B) is larger than the server's cap "
-                                 f"({cap_bytes:,} B): lower --session-cap or raise --mem-cap")
+            raise AgentloopError(f"the session cap ({format_bytes(self.session_cap_bytes)} with its scratch) is larger "
+                                 f"than the server's cap ({format_bytes(cap_bytes)}): lower --session-cap or raise "
+                                 "--mem-cap")
+        self.compaction_frees = compaction_frees_memory(self.new_session())
 
     # --- accounting -----------------------------------------------------------------------------------------
     def resident(self) -> list[Conversation]:
@@ -92,11 +96,7 @@ class Pool:
 
     # --- conversations --------------------------------------------------------------------------------------
     def new_session(self) -> Session:
-        session = Session(self.loaded, cap=self.session_cap, policy=make_policy(self.policy, **self.policy_options))
-        # prefill in pieces of at most a quarter of the cap, so that a compacting policy can make room between them
-        # for messages longer than the cap
-        session.prefill_chunk = max(16, min(session.prefill_chunk, session.free_tokens() // 4))
-        return session
+        return Session(self.loaded, cap=self.session_cap, policy=make_policy(self.policy, **self.policy_options))
 
     def match(self, messages: list[dict], tools_key: str) -> Conversation | None:
         """The held conversation (not running) with the most messages that `messages` extends."""
@@ -139,7 +139,7 @@ class Pool:
         idle = sorted((c for c in self.resident() if not c.running and c is not keep), key=lambda c: c.last_used)
         if self.available() + sum(footprint(c.session, False) for c in idle) < need:
             return False  # running turns hold the rest: wait for one to end rather than park for nothing
-        if self.idle_compaction:
+        if self.idle_compaction and self.compaction_frees:
             for conv in idle:
                 scratch = footprint(conv.session, True) - footprint(conv.session, False)
                 if not conv.idle_compacted and self.available() >= scratch:
@@ -186,6 +186,16 @@ class Pool:
             path.unlink(missing_ok=True)
         self.stats.restored += 1
         return None
+
+
+def compaction_frees_memory(session: Session) -> bool:
+    """Whether a session's bytes follow the slots its cache holds, so that compacting an idle one frees memory.
+    A cache allocated whole at its first token (the memory budget's preallocated buffers) holds the same bytes
+    however few slots it keeps: only parking frees it. Told apart by feeding two tokens to a new session."""
+    list(session.feed([0]))
+    one = session.cache.nbytes()
+    list(session.feed([0]))
+    return session.cache.nbytes() > one
 
 
 def tools_key(tools: list[dict]) -> str:
