@@ -1,7 +1,7 @@
 """The OpenAI Agents SDK on `agentloop serve`: an agent with a Python tool, through the Chat Completions API.
 
     pip install openai-agents                                  # not a dependency of agentloop
-    agentloop serve --mem-cap 64MB --session-cap 300tok &
+    agentloop serve --mem-cap 256MB --session-cap 300tok &
     python examples/serve_agents_sdk.py [--base-url http://127.0.0.1:8000/v1]
 
 SmolLM2-135M is too small to decide on its own when to call a tool, so the first turn names the tool

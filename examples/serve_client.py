@@ -1,7 +1,7 @@
 """A client of `agentloop serve`, written with the official `openai` package: a conversation that stays warm on
 the server, a streamed answer, and a tool-call round trip.
 
-    agentloop serve --mem-cap 64MB --session-cap 300tok &          # SmolLM2-135M, conversations compacted with AM
+    agentloop serve --mem-cap 256MB --session-cap 300tok &          # SmolLM2-135M, conversations compacted with AM
     python examples/serve_client.py [--base-url http://127.0.0.1:8000/v1]
 """
 
