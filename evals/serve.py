@@ -128,7 +128,8 @@ def summarize(mode: dict) -> dict:
             "restored_turns": sum(r["session"] == "restored" for r in records),
             "compactions": int(metrics["compactions_total"]), "idle_compactions": int(metrics["idle_compactions_total"]),
             "parked": int(metrics["parked_total"]), "restored": int(metrics["restored_total"]),
-            "peak_cache_bytes": int(metrics["peak_cache_bytes"]), "cap_bytes": int(metrics["cap_bytes"])}
+            "peak_cache_bytes": int(metrics["peak_cache_bytes"]), "peak_counted_bytes": int(metrics["peak_counted_bytes"]),
+            "cap_bytes": int(metrics["cap_bytes"])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,15 +168,19 @@ def main(argv: list[str] | None = None) -> int:
              "per conversation (its cache; a running turn counts the session's whole budget, scratch included), "
              "policy am. Each mode on a fresh server process; times on the client.", "",
              "| mode | TTFT median (all / turns 2+) | TTFT p90 | tok/s median | tokens prefilled / context carried | "
-             "compactions (in turns / idle) | parked / restored | peak cache / cap | wall |",
+             "compactions (in turns / idle) | parked / restored | peak cache / counted / cap | wall |",
              "|---|---|---|---|---|---|---|---|---|"]
     for label, s in summary.items():
         later = f"{s['ttft_later_median']:.2f}" if s["ttft_later_median"] is not None else "-"
         lines.append(f"| {label} | {s['ttft_median']:.2f} s / {later} s | {s['ttft_p90']:.2f} s | "
                      f"{s['tok_s_median']:.1f} | {s['prefill_tokens']:,} / {s['prompt_tokens']:,} | "
                      f"{s['compactions']} / {s['idle_compactions']} | {s['parked']} / {s['restored']} | "
-                     f"{s['peak_cache_bytes'] / 2**20:.1f} / {s['cap_bytes'] / 2**20:.1f} MiB | {s['wall_seconds']} s |")
-    lines += ["", f"Warm sessions prefilled {saved:,} fewer tokens ({saved / max(1, cold['prefill_tokens']):.0%} of the "
+                     f"{s['peak_cache_bytes'] / 2**20:.1f} / {s['peak_counted_bytes'] / 2**20:.1f} / "
+                     f"{s['cap_bytes'] / 2**20:.1f} MiB | {s['wall_seconds']} s |")
+    lines += ["", "Peak cache: the most bytes the caches of all sessions held at once; counted: the most bytes counted "
+              "against the cap at once (a running turn at its session's whole budget, scratch included; an idle "
+              "session at its cache's bytes).", "",
+              f"Warm sessions prefilled {saved:,} fewer tokens ({saved / max(1, cold['prefill_tokens']):.0%} of the "
               "stateless server's prefill). The two modes answer differently after the first turn: a warm session "
               "reads its history from the compacted cache, the stateless one re-reads (and compacts) the whole text.",
               "", "Per turn (TTFT in seconds, warm / stateless, median over conversations):", "",

@@ -368,7 +368,7 @@ def test_models_health_and_metrics(roomy):
     metrics = roomy.metrics()
     per_conversation = [v for k, v in metrics.items() if k.startswith("agentloop_cache_bytes{conversation=")]
     assert per_conversation and sum(per_conversation) == metrics["agentloop_cache_bytes_total"]
-    assert metrics["agentloop_peak_cache_bytes"] <= metrics["agentloop_cap_bytes"]
+    assert metrics["agentloop_peak_cache_bytes"] <= metrics["agentloop_peak_counted_bytes"] <= metrics["agentloop_cap_bytes"]
 
 
 

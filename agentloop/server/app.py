@@ -234,5 +234,7 @@ def prometheus(engine: Engine, statuses: dict[int, int]) -> str:
     metric("counted_bytes", "gauge", "bytes counted against the cap (running sessions at their cap)",
            [("", snap["counted_bytes"])])
     metric("peak_cache_bytes", "gauge", "most cache bytes held at once", [("", snap["peak_bytes"])])
+    metric("peak_counted_bytes", "gauge", "most bytes counted against the cap at once",
+           [("", pool["peak_counted_bytes"])])
     metric("cap_bytes", "gauge", "the server's memory cap", [("", snap["cap_bytes"])])
     return "\n".join(lines) + "\n"

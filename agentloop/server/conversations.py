@@ -60,6 +60,7 @@ class PoolStats:
     restored: int = 0
     lost: int = 0  # parked conversations that could not be loaded back
     peak_bytes: int = 0  # the most cache bytes held by all sessions together
+    peak_counted_bytes: int = 0  # the most bytes counted against the cap (running sessions at their budget)
 
 
 class Pool:
@@ -83,7 +84,9 @@ class Pool:
         return [c for c in self.conversations.values() if c.session is not None]
 
     def counted_bytes(self) -> int:
-        return sum(footprint(c.session, c.running) for c in self.resident())
+        total = sum(footprint(c.session, c.running) for c in self.resident())
+        self.stats.peak_counted_bytes = max(self.stats.peak_counted_bytes, total)
+        return total
 
     def available(self) -> int:
         return self.cap_bytes - self.counted_bytes()
