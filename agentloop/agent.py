@@ -31,6 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from agentloop.checkpoint import DEFAULT_EVERY, Checkpointer, load_session, read_checkpoint
 from agentloop.compaction.queries import turn_ids
 from agentloop.errors import AgentloopError, Terminated
 from agentloop.events import Event, FinishEvent, IngestEvent, MessageEvent, ToolCallEvent, ToolResultEvent
@@ -140,12 +141,16 @@ class Agent:
     fields). `tools` takes built-in tool names and Python functions or `Tool`s alike; `add_tool` registers
     more before the first run. `run(task)` runs to the end and returns the FinishEvent; `events(task)`
     yields every event on the way. A later `run(task)` continues the conversation in the same cache.
+
+    With `checkpoint=path` the agent saves its session and transcript there (agentloop/checkpoint.py) at the
+    start of every turn, at the next token after each compaction, every `checkpoint_every` tokens while a
+    reply is decoded, and when it finishes; `Agent.resume(path)` continues a run whose process died.
     """
 
     def __init__(self, spec: TaskSpec | str | Path | None = None, *, tools: Iterable[Any] | dict = (),
                  loaded: LoadedModel | None = None, reply_fn: ReplyFn | None = None,
                  stop_when: Callable[[Agent], bool] | None = None, trace_file: JsonlTrace | None = None,
-                 **fields: Any):
+                 checkpoint: str | Path | None = None, checkpoint_every: int = DEFAULT_EVERY, **fields: Any):
         if isinstance(spec, (str, Path)):
             spec = load_task(spec)
         data = spec.model_dump(exclude_unset=True) if spec is not None else {}
@@ -182,7 +187,38 @@ class Agent:
         self._trace: JsonlTrace | None = trace_file  # given: already open (the CLI claims it before the model loads)
         self._own_trace = trace_file is None
         self._broken = False
+        self._checkpointer = Checkpointer(checkpoint, checkpoint_every) if checkpoint else None
+        self._steps_end = 0  # the step count at which the current run() stops (max_steps)
+        self._resumed: dict | None = None  # the checkpoint this agent was restored from, until its run starts
         self._t0 = time.perf_counter()
+
+    @classmethod
+    def resume(cls, checkpoint: str | Path, *, tools: Iterable[Any] = (), loaded: LoadedModel | None = None,
+               reply_fn: ReplyFn | None = None, stop_when: Callable[[Agent], bool] | None = None,
+               checkpoint_every: int = DEFAULT_EVERY, trace_file: JsonlTrace | None = None) -> Agent:
+        """The agent saved at `checkpoint`, ready to go on: `events()` / `run()` continue where it was saved (a
+        reply being decoded continues at its next token). Pass the same custom tools (Python functions) and
+        reply_fn as the first run; built-in tools and every setting come from the checkpoint. The run's trace is
+        continued (appended to, after a `resume` record): `trace_file` if given (opened with append=True), else
+        the saved spec's trace."""
+        state = read_checkpoint(checkpoint)
+        extra = state["extra"]
+        if extra.get("kind") != "agent":
+            raise AgentloopError(f"{checkpoint} is the checkpoint of a plain run, not of an agent; resume it with "
+                                 "`agentloop run --resume`")
+        agent = cls(validate_task(extra["spec"], source=str(checkpoint)), tools=tools, loaded=loaded,
+                    reply_fn=reply_fn, stop_when=stop_when, trace_file=trace_file, checkpoint=checkpoint,
+                    checkpoint_every=checkpoint_every)
+        names = sorted(t.name for t in agent.tools)
+        if names != sorted(extra["tools"]):
+            raise AgentloopError(f"the saved run had tools {', '.join(sorted(extra['tools']))}, this agent has "
+                                 f"{', '.join(names) or 'none'}: pass the same custom tools to Agent.resume")
+        agent.session, _ = load_session(agent.loaded, state)
+        agent.transcript = extra["transcript"]
+        agent._fed, agent._announced, agent.steps = extra["fed"], extra["announced"], extra["steps"]
+        agent.tool_calls, agent.ingestions, agent._steps_end = extra["tool_calls"], extra["ingestions"], extra["steps_end"]
+        agent._resumed = extra
+        return agent
 
     # --- public -------------------------------------------------------------------------------
     def add_tool(self, fn: Tool | Callable[..., Any]) -> Tool:
@@ -211,11 +247,18 @@ class Agent:
             raise AgentloopError("nothing to do: give a task (`task:` in the spec, or run(task))")
         if self._chat is None:
             self._start()
+        resumed, self._resumed = self._resumed if task is None else None, None
+        if not resumed:
+            self._steps_end = self.steps + self.spec.max_steps
         finished = False
         try:
-            for event in self._loop():
+            for event in self._loop(resumed["reply"] if resumed else None):
                 self._record(event)
                 finished = event.kind == "finish"
+                if self._checkpointer and self._checkpointer.observe(event, between_steps=event.kind == "token"):
+                    self._save_checkpoint(event.step + 1)  # tokens come only from the reply being decoded
+                if finished and not event.error:
+                    self._save_checkpoint(None)
                 yield event
         except BaseException as exc:
             if not finished:
@@ -238,6 +281,11 @@ class Agent:
                            logical_tokens=session.cache.logical_len, physical_slots=session.cache.physical_len,
                            policy_actions=session.policy_actions, ingestions=self.ingestions)
 
+    def remove_checkpoint(self) -> None:
+        """Delete the checkpoint file (the CLI does when a run finished: nothing is left to resume)."""
+        if self._checkpointer is not None:
+            self._checkpointer.remove()
+
     def close(self) -> None:
         if self._trace is not None and self._own_trace:
             self._trace.close()
@@ -258,22 +306,38 @@ class Agent:
                 raise AgentloopError(f"memory.ingest names tool {name!r}, which the agent does not have (its tools: "
                                      f"{', '.join(self._toolbox.tools) or 'none'}); fix the name or add the tool")
         self._chat = ChatFormat(self.loaded.tokenizer, self._toolbox.schemas())
+        if self._resumed:
+            self._chat.plain_roles = self._resumed["plain_roles"]
+            if self._trace is None and self.spec.trace:  # the resumed run goes on in the same trace
+                self._trace = JsonlTrace(self.spec.trace, final_kind="finish", append=True)
+            if self._trace is not None:
+                self._trace.write({"kind": "resume", "checkpoint": str(self._checkpointer.path), "steps": self.steps,
+                                   "reply_tokens": self._resumed["reply"], "tokens": len(self.session.token_ids),
+                                   "policy_actions": self.session.policy_actions})
+            return
         if self._trace is None and self.spec.trace:
             self._trace = JsonlTrace(self.spec.trace, final_kind="finish")
+            if self._trace.renamed:  # a checkpoint records where the trace really is, for the resumed run
+                self.spec = self.spec.model_copy(update={"trace": str(self._trace.path)})
         if self._trace is not None:
             self._trace.write({"kind": "run", "agent": True, "task": self.spec.model_dump(mode="json"),
                                "model_source": self.loaded.source, "workspace": str(self.workspace),
                                "tools": self._toolbox.schemas(), "cap_bytes": self.session.cap_bytes,
                                "cap_slots": self.session.cap_slots})
 
-    def _loop(self) -> Iterator[Event]:
+    def _loop(self, resume_reply: int | None = None) -> Iterator[Event]:
+        """The turns; `resume_reply` (restored from a checkpoint): the pending turns are already fed and the
+        reply has that many tokens decoded."""
         for message in self.transcript[self._announced:]:
             yield MessageEvent(t=self._now(), step=self.steps, message=message)
         self._announced = len(self.transcript)
-        for _ in range(self.spec.max_steps):
+        while self.steps < self._steps_end:
             try:
-                yield from self._feed_pending()
-                text, stop = yield from self._reply()
+                if resume_reply is None:
+                    self._save_checkpoint(None)  # a resumed run repeats at most this turn's tool calls
+                    yield from self._feed_pending()
+                text, stop = yield from self._reply(resume_reply or 0)
+                resume_reply = None
             except AgentloopError as exc:  # e.g. a tool result the cap cannot hold and the policy cannot shrink
                 self._broken = True  # the cache may hold part of a turn
                 yield self._finish("error", error=True, message=str(exc))
@@ -297,19 +361,20 @@ class Agent:
                 return
         yield self._finish("max_steps", message=f"{self.spec.max_steps} replies without a final answer")
 
-    def _reply(self):
-        """Generator: the assistant's reply into the cache; returns (text, the decode's StopEvent or None)."""
-        if self.reply_fn is None:
-            return (yield from self._reply_decoded())
+    def _reply(self, start: int = 0):
+        """Generator: the assistant's reply into the cache; returns (text, the decode's StopEvent or None).
+        `start` > 0: a decoded reply restored from a checkpoint, continued at that token."""
+        if self.reply_fn is None or start:
+            return (yield from self._reply_decoded(start))
         text = self.reply_fn([dict(m) for m in self.transcript])
         if text is None:  # the script leaves this reply to the model
             return (yield from self._reply_decoded())
         yield from self.session.feed(self._chat.encode(text))
         return text, None
 
-    def _reply_decoded(self):
+    def _reply_decoded(self, start: int = 0):
         stop = None
-        for event in self.session.generate(self.spec.generation):
+        for event in self.session.generate(self.spec.generation, start=start):
             stop = event if event.kind == "stop" else stop
             yield event
         return stop.text, stop
@@ -385,6 +450,18 @@ class Agent:
                            steps=self.steps, tool_calls=self.tool_calls, ingestions=self.ingestions,
                            policy_actions=stats.policy_actions, cache_bytes=stats.cache_bytes,
                            peak_bytes=stats.peak_bytes, cap_bytes=stats.cap_bytes)
+
+    def _save_checkpoint(self, reply: int | None) -> None:
+        """Save the session and the run's state; `reply`: tokens of the reply being decoded (None: between turns)."""
+        if self._checkpointer is None or not self._checkpointer.enabled:
+            return
+        spec = self.spec.model_dump(mode="json", exclude_unset=True)
+        spec["workspace"] = str(self.workspace) if self.workspace else None
+        self._checkpointer.save(self.session, {
+            "kind": "agent", "spec": spec, "tools": [t.name for t in self.tools], "transcript": self.transcript,
+            "fed": self._fed, "announced": self._announced, "steps": self.steps, "tool_calls": self.tool_calls,
+            "ingestions": self.ingestions, "steps_end": self._steps_end, "plain_roles": self._chat.plain_roles,
+            "reply": reply})
 
     def _record(self, event: Event) -> None:
         if self._trace is not None and event.kind != "token":

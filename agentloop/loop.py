@@ -66,6 +66,7 @@ class Session:
         self.token_ids: list[int] = []
         self.prompt_len = 0
         self.last_logits: torch.Tensor | None = None  # fp32 logits of the newest position
+        self.generator: torch.Generator | None = None  # the sampler's RNG of the current generate() (checkpointed)
         self.context_recorder: QueryRecorder | None = None  # queries of the last feed(record=True)
         window = self.budget.query_window
         # queries of the newest `window` tokens fed or decoded, for policies that compact with them
@@ -111,18 +112,27 @@ class Session:
                            logical_len=self.cache.logical_len, physical_len=self.cache.physical_len,
                            cache_bytes=self.cache.nbytes())
 
-    def generate(self, settings: GenerationSettings | None = None) -> Iterator[Event]:
-        """Decode until EOS, a stop string, max_new_tokens, or a cap the policy cannot make room under."""
+    def generate(self, settings: GenerationSettings | None = None, start: int = 0) -> Iterator[Event]:
+        """Decode until EOS, a stop string, max_new_tokens, or a cap the policy cannot make room under.
+
+        `start` > 0 continues a generation restored from a checkpoint: its first `start` steps are the newest
+        tokens of `token_ids`, and sampling goes on with the session's `generator` as it was saved."""
         settings = settings or GenerationSettings()
         if self.last_logits is None:
             raise AgentloopError("nothing to continue from: feed a prompt before generating")
-        generator = torch.Generator(self.loaded.device).manual_seed(settings.seed)
+        if start == 0 or self.generator is None:
+            self.generator = torch.Generator(self.loaded.device).manual_seed(settings.seed)
         eos = set() if settings.ignore_eos else _eos_ids(self.model, self.tokenizer)
         detok = IncrementalDetokenizer(self.tokenizer)
-        actions_before, start = self.policy_actions, time.perf_counter()
+        for token in self.token_ids[len(self.token_ids) - start:]:
+            detok.add(token)
+        actions_before, start_time = self.policy_actions, time.perf_counter()
         reason, message, error = "max_new_tokens", "", False
-        for step in range(settings.max_new_tokens):
-            token = sample(self.last_logits, settings, generator, self.token_ids)
+        steps = range(start, settings.max_new_tokens)
+        if settings.stop and any(s in detok.text for s in settings.stop):  # restored at the token that ended it
+            reason, steps = "stop_string", range(0)
+        for step in steps:
+            token = sample(self.last_logits, settings, self.generator, self.token_ids)
             if token in eos:
                 reason = "eos"
                 break
@@ -140,10 +150,10 @@ class Session:
             if settings.stop and any(s in detok.text[-(len(s) + len(piece) + 8):] for s in settings.stop):
                 reason = "stop_string"
                 break
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start_time
         yield StopEvent(t=self._now(), reason=reason, error=error, message=message, text=detok.text,
                         new_tokens=detok.count, decode_seconds=seconds,
-                        tokens_per_second=detok.count / seconds if seconds > 0 else 0.0,
+                        tokens_per_second=(detok.count - start) / seconds if seconds > 0 else 0.0,
                         peak_bytes=self.peak_bytes, cap_bytes=self.cap_bytes,
                         policy_actions=self.policy_actions - actions_before)
 
@@ -199,6 +209,8 @@ class Session:
         other.policy = copy.deepcopy(self.policy)  # policies may count their actions
         other.recent_recorder = copy.deepcopy(self.recent_recorder)
         other._decoder = None  # a static step is bound to its cache's buffers
+        if self.generator is not None:
+            other.generator = torch.Generator(self.generator.device).set_state(self.generator.get_state())
         return other
 
     def probe(self, ids: list[int], generate: int = 0, seed: int = 0, temperature: float = PROBE_TEMPERATURE,

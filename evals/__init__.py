@@ -25,6 +25,7 @@ EVALS: dict[str, tuple[str, str]] = {
     "vs-reference": ("agentloop.evals.vs_reference", "AM solver vs the paper's reference code on identical tensors"),
     "gpu-check": ("agentloop.evals.gpu_check", "correctness on the device, then decode, compaction and memory benchmarks"),
     "memory": ("agentloop.evals.memory", "peak memory above the weights vs the cap, per policy and cap (measured)"),
+    "serve": ("agentloop.evals.serve", "agentloop serve under load: TTFT, tok/s, prefill saved by warm sessions, peak vs cap"),
 }
 
 

@@ -169,6 +169,13 @@ def _cases(tmp: Path) -> list[tuple[list[str], list[str]]]:
         (["run", good, "--bogus"], ["unrecognized arguments: --bogus"]),
         (["run", good, "--json", "--quiet"], ["not allowed with"]),
         (["run"], ["task"]),
+        # ---- serve: refused before the model loads
+        (["serve", "--port", "0"], ["--port 0", "TCP port"]),
+        (["serve", "--mem-cap", "-5MB"], ["mem-cap", "positive"]),
+        (["serve", "--session-cap", "lots"], ["lots"]),
+        (["serve", "--policy-option", "ratio"], ["KEY=VALUE"]),
+        (["serve", "--policy", "bogus"], ["unknown memory policy 'bogus'"]),
+        (["serve", "--queue-timeout", "nan"], ["--queue-timeout", "finite"]),
         (["info", "smollm2-135m", "--dtype", "float8"], ["unknown dtype 'float8'"]),
     ]
 

@@ -86,6 +86,36 @@ def test_death_before_the_run_starts(tmp_path):
     assert not (tmp_path / "b.jsonl").exists()
 
 
+def test_a_resumed_run_appends_to_its_own_trace_and_still_ends_with_a_final_record(tmp_path):
+    """append=True (run --resume) is the one explicit way into an existing file: no `-2` name, a line cut by a
+    kill dropped, the earlier records kept, and the resumed run's death still written as its final record."""
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"kind": "run", "prompt_tokens": 3}\n{"kind": "token", "step": 0}\n{"kind": "tok')
+    with pytest.raises(KeyboardInterrupt), JsonlTrace(path, append=True, opening={"kind": "run"}) as trace:
+        trace.write({"kind": "resume", "tokens": 4})
+        raise KeyboardInterrupt
+    assert not trace.renamed and trace.path == path and not (tmp_path / "t-2.jsonl").exists()
+    records = read_trace(path)
+    assert [r["kind"] for r in records] == ["run", "token", "resume", "stop"]  # no second opening record
+    assert (records[-1]["reason"], records[-1]["error"]) == ("cancelled", True)
+    with JsonlTrace(path, append=True) as again:  # resumed again, to the end
+        again.write({"kind": "resume", "tokens": 5})
+        again.write({"kind": "stop", "reason": "eos"})
+    assert [r["kind"] for r in read_trace(path)][-3:] == ["stop", "resume", "stop"]
+    assert read_trace(path)[-1] == {"kind": "stop", "reason": "eos"}  # ended by the run: nothing added
+    with JsonlTrace(path) as fresh:  # without append the rule holds: the trace is not written over
+        fresh.write({"kind": "run"})
+    assert fresh.path == tmp_path / "t-2.jsonl" and len(read_trace(path)) == 6
+
+
+def test_a_resume_refused_before_it_starts_leaves_the_trace_as_it_was(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"kind": "run"}\n{"kind": "token", "step": 0}\n')
+    with pytest.raises(AgentloopError), JsonlTrace(path, append=True):
+        raise AgentloopError("the checkpoint was written by another model")
+    assert path.read_text() == '{"kind": "run"}\n{"kind": "token", "step": 0}\n'  # neither removed nor added to
+
+
 # ---- the CLI, killed at every stage
 
 TASK = """
