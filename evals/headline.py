@@ -69,12 +69,14 @@ def solve(loaded, prompt_ids: list[int], forced_ids: list[int], cap_slots: int |
     the cap less the forced answer's room (so that the answer fits under the full cap), even within the prompt: it then
     answers having read only the prompt's start (stop `prompt_cut`). The other policies make room as they go; one that
     cannot fit the prompt (`truncate` keeps all of it) fails the problem (stop `prompt_over_cap`)."""
-    from agentloop import GenerationSettings, Session, parse_mem_cap
+    from agentloop import GenerationSettings, Session
     from agentloop.policies import NoPolicy
 
     plain = cap_slots is not None and isinstance(policy, NoPolicy)
-    thinking = None if cap_slots is None else cap_slots - (answer_room(forced_ids) if plain else 0)
-    session = Session(loaded, None if thinking is None else f"{thinking}tok", policy, PREFILL_CHUNK)
+    session = Session(loaded, None if cap_slots is None else f"{cap_slots}tok", policy, PREFILL_CHUNK)
+    thinking = cap_slots - answer_room(forced_ids) if plain else None
+    if plain:
+        session.set_slot_limit(thinking)
     text, new_tokens, stop = "", 0, "prompt_cut"
     try:
         list(session.feed(prompt_ids[:thinking] if plain else prompt_ids))
@@ -87,8 +89,7 @@ def solve(loaded, prompt_ids: list[int], forced_ids: list[int], cap_slots: int |
     forced = stop in ("prompt_cut", "mem_cap", "max_new_tokens")
     if forced:
         if plain:  # give the answer the room kept free
-            session.cap_bytes = parse_mem_cap(f"{cap_slots}tok").to_bytes(loaded.model.config, loaded.dtype)
-            session.cap_slots = cap_slots
+            session.set_slot_limit(None)
         try:
             list(session.feed(forced_ids))
         except AgentloopError:  # a policy that could not make room for the forced text: the run ends unanswered
