@@ -378,8 +378,8 @@ def _plot(summary: dict, records: list[dict], path, cap: int) -> None:
     fig, (ax_acc, ax_comp) = plt.subplots(1, 2, figsize=(11, 4))
     rows = list(summary)
     values = [summary[r]["accuracy"] for r in rows]
-    errors = [[v - summary[r]["ci95"][0] for r, v in zip(rows, values)],
-              [summary[r]["ci95"][1] - v for r, v in zip(rows, values)]]
+    errors = [[max(0.0, v - summary[r]["ci95"][0]) for r, v in zip(rows, values)],  # rounding can put v a hair
+              [max(0.0, summary[r]["ci95"][1] - v) for r, v in zip(rows, values)]]  # outside its own interval
     ax_acc.bar(rows, values, yerr=errors, capsize=4,
                color=["tab:green" if r == "uncapped" else "tab:blue" if r == "am" else "tab:gray" for r in rows])
     ax_acc.set(ylabel="accuracy (95% Wilson)", title=f"GSM8K, cap {cap} slots")

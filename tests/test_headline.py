@@ -128,7 +128,7 @@ def test_report_and_plot_of_a_partial_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr("agentloop.evals.results_dir", lambda: tmp_path)
     args = argparse.Namespace(name="partial", mem_cap=112, max_new_tokens=400, seed=0)
-    results = {"config": {"answer_room": 20}, "records": _records({"uncapped": [True, False]})}
+    results = {"config": {"answer_room": 20}, "records": _records({"uncapped": [True, False], "none": [False] * 11})}
     headline._write(args, results, "m")  # only the uncapped row so far: no verdict yet, the files are still written
     assert "No `am` runs yet" in (tmp_path / "partial.md").read_text() and (tmp_path / "partial.png").is_file()
 
