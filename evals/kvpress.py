@@ -221,8 +221,8 @@ def agentloop_passkey_cell(loaded, model: str, row: str, trial: dict, args) -> d
             "asked": [{"k": k, "prose_tokens": min((index + 1) * chunk, len(trial["prose"])), "answer": r["answer"],
                        "correct": r["correct"], "logical": r["logical"], "physical": r["physical"],
                        "actions": r["actions"]} for k, (index, r) in enumerate(asked, 1)],
-            "peak_bytes": peak, "cap_bytes": cap_bytes, "seconds": round(time.perf_counter() - tic, 1),
-            "commit": source_commit()}
+            "peak_slots": asked[-1][1]["peak_slots"] if asked else None, "peak_bytes": peak, "cap_bytes": cap_bytes,
+            "seconds": round(time.perf_counter() - tic, 1), "commit": source_commit()}
 
 
 # --- the online-fidelity replay ----------------------------------------------------------------------------------
@@ -284,7 +284,10 @@ def agentloop_fidelity_cells(loaded, model: str, rows: list[str], prompt: list[i
         metrics = {k: v.tolist() for k, v in compare(reference, capped, targets).items()}
         yield {"model": model, "task": "fidelity", "row": row,
                **fidelity_summary(metrics["top1"], metrics["kl"], metrics["nll"], [e["position"] for e in events]),
-               "top1_per_position": [int(x) for x in metrics["top1"]], "peak_bytes": session.peak_bytes,
+               "top1_per_position": [int(x) for x in metrics["top1"]],
+               # the cache only grows between compactions: its peak is where a compaction began, or the end
+               "peak_slots": max([e["physical_before"] for e in events] + [session.cache.physical_len]),
+               "peak_bytes": session.peak_bytes,
                "cap_bytes": session.cap_bytes, "seconds": round(seconds, 1),
                "compaction_seconds": round(sum(e["seconds"] for e in events), 1), "commit": source_commit()}
 
@@ -319,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides")
     parser.add_argument("--resume", action="store_true",
                         help="keep the cells already in evals/results/<name>.json (same settings), run the rest")
-    parser.add_argument("--rerun", nargs="+", default=[], metavar="ROW", help="with --resume: drop these rows' cells "
-                                                                              "first (e.g. after agentloop changed)")
+    parser.add_argument("--rerun", nargs="+", default=[], metavar="ROW",
+                        help="with --resume: drop these rows' cells (of --models and --tasks) first, e.g. after "
+                             "agentloop changed")
     add_output_options(parser, "kvpress")
     args = parser.parse_args(argv)
     argv = list(argv or [])
@@ -334,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         raise AgentloopError("--rerun drops rows from earlier results: use it with --resume")
     rows = [r for r in args.rows if args.only is None or (r in KVPRESS_ROWS) == (args.only == "kvpress")]
     results = _earlier(args) if args.resume else _fresh(args)
-    results["cells"] = [c for c in results["cells"] if c["row"] not in args.rerun]
+    results["cells"] = [c for c in results["cells"]  # --rerun drops the rows' cells of the models and tasks run now
+                        if not (c["row"] in args.rerun and c["model"] in args.models and c["task"] in args.tasks)]
     command = " ".join(["agentloop", "eval", "kvpress", *argv])
     results["commands"] = [c for c in results.pop("commands", [results.pop("command", None)]) if c] + [command]
     torch_threads(args.threads)
@@ -479,14 +484,11 @@ def passkey_table(cells: list[dict], max_k: int) -> dict:
 
 
 def _peak(cells: list[dict]) -> str:
-    """Most KV slots held (kvpress, measured) or peak bytes over the cap's bytes (agentloop)."""
-    if not cells:
-        return "—"
-    if "peak_slots" in cells[0]:
-        return f"{max(c['peak_slots'] for c in cells)} slots"
-    if cells[0].get("cap_bytes"):
-        return f"{max(c['peak_bytes'] / c['cap_bytes'] for c in cells):.3f} of cap"
-    return "no cap"
+    """Most KV slots a layer held, over the cells (measured on both sides), or 'no cap'."""
+    slots = [c["peak_slots"] for c in cells if c.get("peak_slots") is not None]
+    if cells and cells[0].get("cap_bytes", 0) is None:
+        return "no cap"
+    return f"{max(slots)} slots" if slots else "—"
 
 
 def trial_means(cells: list[dict], row: str, max_k: int) -> dict[int, float]:
@@ -559,9 +561,9 @@ def _markdown(args, results: dict) -> str:
     for task, b in budgets.items():
         lines.append(f"| {task} | {config[f'{task}_cap']} | {b['chunk']} | {b['target_size']} | "
                      f"{b['compression_interval']} | {b['max_slots']} |")
-    lines += ["", ("The kvpress rows' measured peak (slots a layer held during any forward, forks included) is in the "
-                   "tables; agentloop's is shown as peak bytes over the cap's bytes (≤ 1; a token cap is priced with β "
-                   "on every slot, so its slots never exceed N). kvpress's hidden-state buffer (at most one interval of "
+    lines += ["", ("The tables give each row's measured peak: the most slots a layer held during any forward (kvpress: "
+                   "forks included; agentloop: the main run, whose forks stay under the same limit). kvpress's "
+                   "hidden-state buffer (at most one interval of "
                    "hidden states per layer) and agentloop's kept queries for `am` are memory outside the KV cache on "
                    "both sides. SnapKV's window is the chunk (32 / 16 queries instead of 64): kvpress rotates the window's "
                    "queries with the current forward's RoPE angles, which fails for a 64-query window on shorter "
@@ -603,7 +605,7 @@ def _markdown(args, results: dict) -> str:
                 elif row == "uncapped":
                     lines.append(f"| uncapped | 0 | 1 | 1 | 0 | 0 | {c['mean_nll']:.3f} | no cap | {c['seconds']} |")
                 else:
-                    peak = f"{c['peak_slots']} slots" if "peak_slots" in c else f"{c['peak_bytes'] / c['cap_bytes']:.3f} of cap"
+                    peak = _peak([c])
                     lines.append(f"| {row} | {c['events']} | {c['top1']:.3f} | {_fmt(c[f'top1_after_{AFTER}'])} | "
                                  f"{c['kl']:.3f} | {_fmt(c[f'kl_after_{AFTER}'])} | {c['nll']:.3f} | {peak} | {c['seconds']} |")
             check = results.get("kvpress_uncapped", {}).get(model)
