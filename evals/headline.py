@@ -217,20 +217,20 @@ def verdict(summary: dict, comparisons: dict[str, dict], fit: dict[str, dict] | 
 
 # --- main --------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    from agentloop.evals import add_output_options, slot_count
+    from agentloop.evals import EvalParser, add_output_options, count, slot_count, whole
 
-    parser = argparse.ArgumentParser(prog="agentloop eval headline", description=__doc__,
+    parser = EvalParser(prog="agentloop eval headline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
     parser.add_argument("--data", required=True, help="GSM8K test JSONL (question, answer ending in '#### N')")
-    parser.add_argument("--problems", type=int, default=200, help="the first N problems")
+    parser.add_argument("--problems", type=count, default=200, help="the first N problems")
     parser.add_argument("--mem-cap", type=slot_count, default=112,
                         help="KV slots of the capped rows (default 112: the median of the first 20 uncapped runs "
                              "compacts 7 times; see --plan)")
     parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS),
                         help=f"uncapped and policies ({', '.join(POLICY_OF)} or any online-fidelity policy name)")
-    parser.add_argument("--max-new-tokens", type=int, default=400)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=count, default=400)
+    parser.add_argument("--seed", type=whole, default=0)
     parser.add_argument("--plan", action="store_true",
                         help=f"print the largest cap at which the median uncapped run recorded so far would compact "
                              f"≥ {MIN_COMPACTIONS} times, and exit")

@@ -298,9 +298,9 @@ SETTINGS = ("trials", "passkey_cap", "fidelity_cap", "fidelity_tokens", "max_k",
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agentloop.evals import add_output_options, slot_count
+    from agentloop.evals import EvalParser, add_output_options, count, slot_count, whole
 
-    parser = argparse.ArgumentParser(prog="agentloop eval kvpress", description=__doc__,
+    parser = EvalParser(prog="agentloop eval kvpress", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
@@ -308,18 +308,18 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"uncapped, agentloop policies ({', '.join(AGENTLOOP_ROWS)} or any online-fidelity policy "
                              f"name) and kvpress presses ({', '.join(KVPRESS_ROWS)})")
     parser.add_argument("--only", choices=["agentloop", "kvpress"], help="run only one side's rows")
-    parser.add_argument("--trials", type=int, default=20, help="pass-key trials per model")
+    parser.add_argument("--trials", type=count, default=20, help="pass-key trials per model")
     parser.add_argument("--passkey-cap", type=slot_count, default=TASKS["passkey"]["cap"], help="KV slots, pass-key task")
     parser.add_argument("--fidelity-cap", type=slot_count, default=TASKS["fidelity"]["cap"], help="KV slots, fidelity task")
-    parser.add_argument("--fidelity-tokens", type=int, default=2048, help="length of the replayed continuation")
-    parser.add_argument("--max-k", type=int, default=8, help="compactions the pass key goes through")
-    parser.add_argument("--prose-tokens", type=int, default=2400)
-    parser.add_argument("--answer-tokens", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fidelity-tokens", type=count, default=2048, help="length of the replayed continuation")
+    parser.add_argument("--max-k", type=count, default=8, help="compactions the pass key goes through")
+    parser.add_argument("--prose-tokens", type=count, default=2400)
+    parser.add_argument("--answer-tokens", type=count, default=8)
+    parser.add_argument("--seed", type=whole, default=0)
     parser.add_argument("--kvpress-version", default=KVPRESS_VERSION)
     parser.add_argument("--python", help="an interpreter that has kvpress (default: a virtual environment created "
                                          "once under the agentloop cache dir)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides")
+    parser.add_argument("--threads", type=count, default=1, help="torch threads of both sides")
     parser.add_argument("--resume", action="store_true",
                         help="keep the cells already in evals/results/<name>.json (same settings), run the rest")
     parser.add_argument("--rerun", nargs="+", default=[], metavar="ROW",
