@@ -26,6 +26,8 @@ EVALS: dict[str, tuple[str, str]] = {
     "gpu-check": ("agentloop.evals.gpu_check", "correctness on the device, then decode, compaction and memory benchmarks"),
     "memory": ("agentloop.evals.memory", "peak memory above the weights vs the cap, per policy and cap (measured)"),
     "serve": ("agentloop.evals.serve", "agentloop serve under load: TTFT, tok/s, prefill saved by warm sessions, peak vs cap"),
+    "kvpress": ("agentloop.evals.kvpress", "agentloop's policies next to kvpress's decoding presses at equal KV slots"),
+    "headline": ("agentloop.evals.headline", "GSM8K capped at ~1/4 of its length: am vs uncapped, none and eviction"),
 }
 
 
@@ -128,6 +130,17 @@ def query_budget(text: str) -> int | None:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive number of queries or 'all', got {text!r}")
+    return value
+
+
+def slot_count(text: str) -> int:
+    """A cap in KV slots: a positive whole number, with or without 'tok' ('112' or '112tok')."""
+    try:
+        value = int(text.removesuffix("tok"))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of KV slots such as 256 or 256tok, got {text!r}")
     return value
 
 

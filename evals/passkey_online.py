@@ -47,19 +47,22 @@ def _encode(tokenizer, text: str) -> list[int]:
 def run_trial(loaded, policy, cap: str, prompt, prose, question, key, args, ask_at: list[int] | None = None):
     """Ingest the prose chunk by chunk and ask the question on a fork of the run: after each of the policy's first
     `max_k` actions (ask_at None), or after the given chunk indices (the first policy's schedule, so that every
-    policy is asked after the same amount of text). Returns ([(chunk index, record)], peak bytes, cap bytes)."""
+    policy is asked after the same amount of text). Returns ([(chunk index, record)], peak bytes, cap bytes); each
+    record holds `peak_slots`, the most slots the run held so far (after a chunk's forward, before any compaction)."""
     from agentloop import Session
 
     session = Session(loaded, cap=cap, policy=policy, prefill_chunk=args.chunk)
     list(session.feed(prompt))
-    asked = []
+    asked, peak_slots = [], session.cache.physical_len
     for index, start in enumerate(range(0, len(prose), args.chunk)):
         actions_before = session.policy_actions
         list(session.feed(prose[start:start + args.chunk]))
+        peak_slots = max(peak_slots, session.cache.physical_len)
         if (index in ask_at) if ask_at is not None else session.policy_actions > actions_before:
             text = answer(session.fork(), question, args.answer_tokens)
             asked.append((index, {"correct": correct(text, key), "answer": text, "actions": session.policy_actions,
-                                  "logical": session.cache.logical_len, "physical": session.cache.physical_len}))
+                                  "logical": session.cache.logical_len, "physical": session.cache.physical_len,
+                                  "peak_slots": peak_slots}))
             if len(asked) == (len(ask_at) if ask_at is not None else args.max_k):
                 break
     return asked, session.peak_bytes, session.cap_bytes
