@@ -13,8 +13,11 @@ event, median reported).
 from __future__ import annotations
 
 import argparse
+import ast
 import platform
 import statistics
+import subprocess
+import tempfile
 import time
 
 import torch
@@ -87,6 +90,34 @@ def online(loaded, cap_tokens: int, events: int) -> dict:
             "median_ratio": statistics.median(e["ratio"] for e in measured) if measured else None}
 
 
+def baseline_total(python: str, length: int, ratio: int, max_queries: int | None) -> float:
+    """Seconds of the same one-shot compaction by another installation's `agentloop eval compaction-speed`
+    (`python` = its interpreter), run in a fresh process in a scratch folder; read from the row it prints."""
+    command = [python, "-m", "agentloop.cli", "eval", "compaction-speed", "--lengths", str(length), "--ratios",
+               str(ratio), "--max-queries", str(max_queries or "all"), "--no-write"]
+    with tempfile.TemporaryDirectory() as scratch:
+        done = subprocess.run(command, cwd=scratch, capture_output=True, text=True)
+    rows = [ast.literal_eval(line) for line in done.stdout.splitlines() if line.startswith("{'tokens'")]
+    if done.returncode != 0 or not rows:
+        from agentloop.errors import AgentloopError
+        raise AgentloopError(f"the baseline at {python} failed: {(done.stderr or done.stdout).strip()[-300:]}")
+    return rows[0]["total_seconds"]
+
+
+def versus_baseline(loaded, python: str, length: int, ratio: int, max_queries: int | None, rounds: int) -> dict:
+    """Ours vs the baseline installation on the same one-shot compaction, alternating which runs first."""
+    ours, theirs = [], []
+    for r in range(rounds):
+        for side in (("ours", "baseline") if r % 2 == 0 else ("baseline", "ours")):
+            if side == "ours":
+                ours.append(one_shot(loaded, length, ratio, max_queries)["total_seconds"])
+            else:
+                theirs.append(baseline_total(python, length, ratio, max_queries))
+    ratios = [t / o for o, t in zip(ours, theirs)]
+    return {"tokens": length, "ratio": ratio, "ours_seconds": ours, "baseline_seconds": theirs,
+            "speedup_per_round": [round(x, 3) for x in ratios], "median_speedup": round(statistics.median(ratios), 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     from agentloop.evals import EvalParser, add_query_option, count
 
@@ -99,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="token caps of the online measurement (none: skip it)")
     parser.add_argument("--online-events", type=count, default=3, help="compaction events measured per cap")
     add_query_option(parser)
+    parser.add_argument("--baseline", metavar="PYTHON",
+                        help="also time the one-shot rows with another installation of agentloop (its interpreter, "
+                             "e.g. an older commit's venv), alternating with ours; reports the per-round speedup")
+    parser.add_argument("--rounds", type=count, default=3, help="rounds of the --baseline comparison")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--name", default="compaction_speed", help="results file name under evals/results")
@@ -120,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         for ratio in args.ratios:
             rows.append(one_shot(loaded, length, ratio, args.max_queries))
             print(rows[-1], flush=True)
+    baseline_rows = []
+    if args.baseline:
+        for length in args.lengths:
+            for ratio in args.ratios:
+                baseline_rows.append(versus_baseline(loaded, args.baseline, length, ratio, args.max_queries,
+                                                     args.rounds))
+                print(baseline_rows[-1], flush=True)
     online_rows = []
     for cap in args.online_caps:
         online_rows.append(online(loaded, cap, args.online_events))
@@ -148,11 +190,23 @@ def main(argv: list[str] | None = None) -> int:
                              f"{e['prefill_seconds']:.2f} | {e['ratio']:.2f} |")
             if o["median_ratio"] is not None:
                 lines.append(f"| {o['cap_tokens']}tok | **median** | | | | **{o['median_ratio']:.2f}** |")
+    if baseline_rows:
+        lines += ["", f"## Against another installation (`{args.baseline}`), same settings, alternating rounds", "",
+                  "Each side compacts in its own process state: ours in this process, the baseline in a fresh process "
+                  "per round (its own `agentloop eval compaction-speed --no-write`); total seconds of the one-shot "
+                  "compaction, queries included.", "",
+                  "| tokens | ratio | ours s (median) | baseline s (median) | speedup per round | median speedup |",
+                  "|---|---|---|---|---|---|"]
+        for b in baseline_rows:
+            lines.append(f"| {b['tokens']:,} | {b['ratio']}x | {statistics.median(b['ours_seconds']):.2f} | "
+                         f"{statistics.median(b['baseline_seconds']):.2f} | "
+                         f"{', '.join(f'{x:.2f}' for x in b['speedup_per_round'])} | **{b['median_speedup']:.2f}x** |")
     command = ("agentloop eval compaction-speed " + " ".join(argv or [])).strip()
     lines += ["", f"torch {torch.__version__}. Reproduce: `{command}`"]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
         write_results(args.name, {"benchmark": "compaction-speed", "model": args.model, "device": where,
-                                  "config": vars(args), "rows": rows, "online": online_rows, "command": command}, text)
+                                  "config": vars(args), "rows": rows, "online": online_rows,
+                                  "baseline": baseline_rows, "command": command}, text)
     return 0

@@ -115,3 +115,26 @@ def test_passkey_online_resume_keeps_complete_trials_of_the_same_settings(tmp_pa
     assert _earlier_records(args) == complete
     with pytest.raises(AgentloopError, match="policies"):
         _earlier_records(Namespace(**{**vars(args), "policies": ["am-repeat", "streaming"]}))
+
+
+def _stand_in_python(tmp_path, name: str, body: str):
+    script = tmp_path / name
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_compaction_speed_reads_the_baseline_row_and_refuses_a_broken_baseline(tmp_path):
+    from agentloop.errors import AgentloopError
+    from agentloop.evals.compaction_speed import baseline_total
+
+    # a baseline prints its progress, then its row as a Python dict (the format of every version of the eval)
+    args_file = tmp_path / "args"
+    good = _stand_in_python(tmp_path, "good", f"echo \"$@\" > {args_file}; echo loading; "
+                                      "echo \"{'tokens': 256, 'ratio': 2, 'total_seconds': 3.25}\"")
+    assert baseline_total(good, 256, 2, 512) == 3.25
+    assert args_file.read_text().split() == ["-m", "agentloop.cli", "eval", "compaction-speed", "--lengths", "256",
+                                             "--ratios", "2", "--max-queries", "512", "--no-write"]
+    broken = _stand_in_python(tmp_path, "broken", "echo 'no such eval' >&2; exit 2")
+    with pytest.raises(AgentloopError, match="the baseline at .* failed: no such eval"):
+        baseline_total(broken, 256, 2, None)
