@@ -125,8 +125,9 @@ def _plain_roles(messages: list[dict]) -> list[dict]:
 
 class MemoryStats(BaseModel):
     cap_bytes: int | None
-    cache_bytes: int
-    peak_bytes: int
+    cache_bytes: int  # bytes of the slots the cache holds now
+    allocated_bytes: int  # bytes of the cache's buffers (preallocated: all its slots, held or not)
+    peak_bytes: int  # the most cache_bytes has been
     logical_tokens: int  # tokens the model has seen
     physical_slots: int  # slots the cache holds per full-attention layer
     policy_actions: int  # online compactions / evictions at the cap
@@ -277,7 +278,8 @@ class Agent:
     @property
     def memory(self) -> MemoryStats:
         session = self.session
-        return MemoryStats(cap_bytes=session.cap_bytes, cache_bytes=session.cache.nbytes(), peak_bytes=session.peak_bytes,
+        return MemoryStats(cap_bytes=session.cap_bytes, cache_bytes=session.cache.held_bytes(),
+                           allocated_bytes=session.cache.nbytes(), peak_bytes=session.peak_bytes,
                            logical_tokens=session.cache.logical_len, physical_slots=session.cache.physical_len,
                            policy_actions=session.policy_actions, ingestions=self.ingestions)
 

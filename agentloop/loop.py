@@ -110,7 +110,7 @@ class Session:
             self._forward(chunk, recorder, on_logits)
         yield PrefillEvent(t=self._now(), tokens=len(ids), seconds=time.perf_counter() - start,
                            logical_len=self.cache.logical_len, physical_len=self.cache.physical_len,
-                           cache_bytes=self.cache.nbytes())
+                           cache_bytes=self.cache.held_bytes())
 
     def generate(self, settings: GenerationSettings | None = None, start: int = 0) -> Iterator[Event]:
         """Decode until EOS, a stop string, max_new_tokens, or a cap the policy cannot make room under.

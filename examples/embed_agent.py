@@ -48,7 +48,8 @@ def main(task: str) -> int:
             print(f"{event.reason}: {event.answer or event.message}")
     memory = agent.memory
     print(f"memory: {format_bytes(memory.cache_bytes)} held for {memory.logical_tokens} tokens "
-          f"(peak {format_bytes(memory.peak_bytes)} of {format_bytes(memory.cap_bytes)}); workspace {workspace}")
+          f"(peak {format_bytes(memory.peak_bytes)}, buffers {format_bytes(memory.allocated_bytes)}, budget "
+          f"{format_bytes(memory.cap_bytes)}); workspace {workspace}")
     return 0 if finish.reason == "final_answer" else 1
 
 
