@@ -142,6 +142,24 @@ def report(rows: list[dict], command: str) -> str:
     return "\n".join(lines)
 
 
+def _kept_rows(args) -> list[dict]:
+    """--keep: the earlier file's rows for the (cap, policy) pairs not run now; refused if its model or settings differ."""
+    from agentloop.errors import AgentloopError
+    from agentloop.evals import results_dir
+
+    path = results_dir() / f"{args.name}.json"
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    changed = [k for k in ("model", "compactions", "decode_tokens", "device", "dtype")
+               if earlier["config"].get(k) != getattr(args, k)]
+    if changed:
+        raise AgentloopError(f"--keep: {path} was run with other settings ({', '.join(changed)}); run it with the same "
+                             "settings, or give another --name")
+    now = {(cap, policy) for cap in args.caps for policy in args.policies}
+    return [r for r in earlier["rows"] if (r["cap"], r["policy"]) not in now]
+
+
 def main(argv: list[str] | None = None) -> int:
     from agentloop.evals import EvalParser, count
 
@@ -156,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--name", default="memory", help="results file name under evals/results")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the rows of evals/results/<name>.json for the configurations not run now (same model "
+                             "and settings): rerun some rows after a change without running them all")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -174,19 +195,19 @@ def main(argv: list[str] | None = None) -> int:
         raise AgentloopError(f"unknown policy {unknown[0]!r}: choose from {', '.join(sorted(POLICIES))}")
     if args.compactions < 1:
         raise AgentloopError(f"--compactions must be at least 1, got {args.compactions}")
-    rows = []
     command = ("agentloop eval memory " + " ".join(argv or [])).strip()
+    kept, rows = _kept_rows(args) if args.keep else [], []
     for cap in args.caps:
         for policy in args.policies:
             row = _spawn(args, cap, policy)
             rows.append(row)
             print(json.dumps(row), flush=True)
-            text = report(rows, command)
+            text = report(kept + rows, command)
             if not args.no_write:  # after every row: a long run keeps what it measured
                 write_results(args.name, {"benchmark": "memory", "config": {k: v for k, v in vars(args).items()
                                                                             if k != "worker"},
-                                          "rows": rows, "command": command}, text)
-    print(report(rows, command))
+                                          "rows": kept + rows, "command": command}, text)
+    print(report(kept + rows, command))
     return 0
 
 

@@ -245,3 +245,28 @@ def test_an_injected_oom_in_a_cli_run_leaves_a_complete_trace(tmp_path, monkeypa
     assert records[-1]["kind"] == "stop" and records[-1]["new_tokens"] == 150
     assert "OutOfMemoryError" in policies[0]["details"]["fallback"]
     assert all(r["physical_len"] <= 64 for r in records if r["kind"] == "token")
+
+
+def test_memory_eval_keep_reruns_some_rows_and_keeps_the_others(tmp_path, monkeypatch):
+    from agentloop.errors import AgentloopError
+    from agentloop.evals import memory
+
+    monkeypatch.chdir(tmp_path)
+    spawned = []
+
+    def fake_spawn(args, cap, policy):  # a row as run_one returns it, without running a model
+        spawned.append((cap, policy))
+        return {"model": args.model, "policy": policy, "cap": cap, "cap_bytes": 1 << 20, "budget_bytes": 2 << 20,
+                "cache_slots": 16, "peak_above_weights": len(spawned) << 20, "peak_over_cap": 1.0,
+                "limit_bytes": 3 << 20, "within_limit": True, "policy_actions": 6, "seconds_per_action": 0.1}
+
+    monkeypatch.setattr(memory, "_spawn", fake_spawn)
+    assert memory.main(["--caps", "64tok", "128tok", "--policies", "am", "streaming"]) == 0
+    first = json.loads((tmp_path / "evals/results/memory.json").read_text())["rows"]
+    assert memory.main(["--caps", "64tok", "--policies", "am", "--keep"]) == 0
+    rows = json.loads((tmp_path / "evals/results/memory.json").read_text())["rows"]
+    assert spawned[-1] == ("64tok", "am") and len(rows) == 4
+    assert [r for r in rows if (r["cap"], r["policy"]) != ("64tok", "am")] == first[1:]  # the others untouched
+    assert [r["peak_above_weights"] for r in rows if (r["cap"], r["policy"]) == ("64tok", "am")] == [5 << 20]
+    with pytest.raises(AgentloopError, match="other settings"):  # rows of another run are never mixed in
+        memory.main(["--caps", "64tok", "--policies", "am", "--keep", "--compactions", "3"])
