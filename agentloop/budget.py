@@ -34,7 +34,9 @@ FLOOR_MASK = 256 << 10
 QUERY_BYTES = 2  # queries are kept in 16 bits (the model's dtype if it is a 16-bit one, else float16)
 RESERVE_FRACTION = 0.10  # a compacting policy's reserve aims at this share of the cache's bytes ...
 SMALL_RESERVE = 56 << 20  # ... or this, for small caches (64 MiB of slack, less 8 for the runtime's own allocations)
-QUERY_ROWS_PER_SLOT, LEAST_ROWS_PER_SLOT = 16, 1.25  # reservoir rows per kept slot and KV head: wanted, and at least
+# reservoir rows per kept slot and KV head: wanted under a token cap (the reserve comes on top of the cache), wanted
+# under a byte cap (rows and cache slots share the cap: the cache keeps the larger share), and at least
+QUERY_ROWS_PER_SLOT, BYTE_CAP_ROWS_PER_SLOT, LEAST_ROWS_PER_SLOT = 16, 4, 1.25
 LEAST_WINDOW = 32  # decode-time window (tokens) of the `recorded` query source, at least
 PROBE_FRACTION = 32  # a re-read window holds up to 1/32 of the cache's slots (at least MIN_PROBE)
 MIN_PROBE, MAX_PROBE = 128, 512
@@ -117,11 +119,12 @@ def plan(config, dtype: torch.dtype, cap: MemCap | None, policy=None, prefill_ch
     def split(slots: int) -> MemoryBudget:
         cache = slots * slot + sliding_bytes(config, dtype)
         work, chunk, mask = workspace(config, dtype, cache, prefill_chunk)
-        probe_slots, rows, window, queries, fits = _compaction_reserve(config, dtype, slots, policy, work)
+        probe_slots, rows, window, queries, fits = _compaction_reserve(config, dtype, slots, policy, work, rows_per_slot)
         total = cache + work + probe_slots * slot + queries + fits
         return MemoryBudget(total, slots, cache, work, mask, probe_slots, probe_slots * slot, rows, window, queries,
                             fits, chunk)
 
+    rows_per_slot = QUERY_ROWS_PER_SLOT if cap.unit == "tokens" else BYTE_CAP_ROWS_PER_SLOT
     if cap.unit == "tokens":
         return split(cap.value)
     cap_bytes = cap.value
@@ -140,14 +143,15 @@ def plan(config, dtype: torch.dtype, cap: MemCap | None, policy=None, prefill_ch
 
 
 
-def _compaction_reserve(config, dtype, slots: int, policy, workspace_bytes: int) -> tuple[int, int, int, int, int]:
+def _compaction_reserve(config, dtype, slots: int, policy, workspace_bytes: int,
+                        rows_per_slot: float = QUERY_ROWS_PER_SLOT) -> tuple[int, int, int, int, int]:
     """(probe slots, query rows per KV head, decode-time query window, query bytes, fit bytes) a policy needs at a
     cache of `slots` slots.
 
     The reserve aims at RESERVE_FRACTION of the cache's bytes, or SMALL_RESERVE for small caches. The probe slots
     come first, then at least LEAST_ROWS_PER_SLOT query rows per kept slot and a LEAST_WINDOW-token decode window.
     If the rest holds one head's fit of the whole region, the fits get that and the rows grow (up to
-    QUERY_ROWS_PER_SLOT per kept slot and the policy's max_queries) as far as the fit still fits; otherwise the
+    `rows_per_slot` per kept slot and the policy's max_queries) as far as the fit still fits; otherwise the
     region is fitted in key chunks of FIT_PART slots and the rows take the rest. The decode window gets what is
     left. A cache too small for the least of them gets them anyway: its budget then exceeds the aim."""
     m, element = _model_sizes(config), torch.empty((), dtype=dtype).element_size()
@@ -161,7 +165,7 @@ def _compaction_reserve(config, dtype, slots: int, policy, workspace_bytes: int)
     groups = m["q_heads"] // m["kv_heads"]
     probe = min(MAX_PROBE, max(MIN_PROBE, slots // PROBE_FRACTION))
     probe += -(slots + probe) % ALIGN_SLOTS  # buffers of a multiple of 16 slots: aligned masks for fused kernels
-    want_rows = min(policy.max_queries, QUERY_ROWS_PER_SLOT * kept)
+    want_rows = min(policy.max_queries, math.ceil(rows_per_slot * kept))
     rows, window = min(want_rows, math.ceil(LEAST_ROWS_PER_SLOT * kept)), min(policy.query_window(), LEAST_WINDOW)
     room = max(int(RESERVE_FRACTION * cache), SMALL_RESERVE) - workspace_bytes - probe * slot
     room -= (rows + groups * window) * per_row

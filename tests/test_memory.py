@@ -104,6 +104,17 @@ def test_budget_split_and_refusal(smollm2):
         plan(config, dtype, parse_mem_cap("12MB"), make_policy("am"))
 
 
+def test_token_caps_get_the_fit_rows_fidelity_needs_byte_caps_keep_the_cache(smollm2):
+    # 256 slots: the reservoir wants 16 rows per kept slot (2,048 of 128 kept) and the 56 MiB reserve holds them
+    config, dtype, am = smollm2.model.config, smollm2.dtype, make_policy("am")
+    tokens = plan(config, dtype, parse_mem_cap("256tok"), am)
+    assert tokens.query_rows == 16 * 128
+    # the same bytes as a byte cap: the cache gets more slots, and the rows at most 4 per kept slot
+    same_bytes = plan(config, dtype, parse_mem_cap(f"{tokens.cap_bytes}B"), am)
+    assert same_bytes.cache_slots > 256 and same_bytes.query_rows <= 4 * round(same_bytes.cache_slots * am.ratio) + 1
+    assert same_bytes.cache_bytes + same_bytes.reserve_bytes <= tokens.cap_bytes
+
+
 def test_a_byte_cap_holds_everything_the_session_allocates(tiny_llama):
     session = Session(tiny_llama, cap="8MB", policy=make_policy("am", protect_recent=8))
     list(session.feed(_prompt(2 * session.budget.cache_slots)))
