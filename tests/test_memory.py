@@ -113,6 +113,9 @@ def test_token_caps_get_the_fit_rows_fidelity_needs_byte_caps_keep_the_cache(smo
     same_bytes = plan(config, dtype, parse_mem_cap(f"{tokens.cap_bytes}B"), am)
     assert same_bytes.cache_slots > 256 and same_bytes.query_rows <= 4 * round(same_bytes.cache_slots * am.ratio) + 1
     assert same_bytes.cache_bytes + same_bytes.reserve_bytes <= tokens.cap_bytes
+    # the decode-time window `am`'s default mix reads comes before extra rows (at 32 tokens online fidelity collapsed)
+    for cap in ("256tok", "512tok", "1024tok", "2048tok"):
+        assert plan(config, dtype, parse_mem_cap(cap), am).query_window == am.query_window() == 256
 
 
 def test_a_byte_cap_holds_everything_the_session_allocates(tiny_llama):
