@@ -153,7 +153,8 @@ def _compaction_reserve(config, dtype, slots: int, policy, workspace_bytes: int,
     If the rest holds one head's fit of the whole region, the fits get that and the rows grow (up to
     `rows_per_slot` per kept slot and the policy's max_queries) as far as the fit still fits; otherwise the
     region is fitted in key chunks of FIT_PART slots and the rows take the rest. The decode window grows to the
-    policy's before the rows do (after the least fit). A cache too small for the least of them gets them anyway: its budget then exceeds the aim."""
+    policy's before the rows do (after the least fit). A cache too small for the least of them gets them anyway:
+    its budget then exceeds the aim."""
     m, element = _model_sizes(config), torch.empty((), dtype=dtype).element_size()
     if policy is None or not getattr(policy, "compacts_with_queries", False):
         # eviction keeps slots with one layer-sized temporary (index_select before the in-place write)
@@ -176,8 +177,9 @@ def _compaction_reserve(config, dtype, slots: int, policy, workspace_bytes: int,
 
     # the decode-time window comes before more rows: the `recorded` source (`am`'s default mix) is what keeps local
     # fidelity, and a 32-token window in place of 256 cost it (online-fidelity top-1 after 6 halvings 0.93 -> 0.0)
-    least_fit = whole(rows) if whole(rows) <= room else max(floor, head_bytes(rows, min(slots, FIT_PART), max(
-        1, round(min(slots, FIT_PART) * policy.ratio)), m["head_dim"]))
+    part = min(slots, FIT_PART)
+    chunked = max(floor, head_bytes(rows, part, max(1, round(part * policy.ratio)), m["head_dim"]))
+    least_fit = whole(rows) if whole(rows) <= room else chunked
     more_window = min(policy.query_window() - window, max(0, room - least_fit) // (groups * per_row))
     window, room = window + more_window, room - more_window * groups * per_row
     if whole(rows) <= room:  # the whole region in one fit: as many more rows as still leave room for it
@@ -188,8 +190,7 @@ def _compaction_reserve(config, dtype, slots: int, policy, workspace_bytes: int,
         room -= (lo - rows) * per_row + whole(lo)
         rows, fits = lo, whole(lo)
     else:  # fitted in key chunks of at most FIT_PART slots (compact_span): the rows take the rest
-        part = min(slots, FIT_PART)
-        fits = max(floor, head_bytes(rows, part, max(1, round(part * policy.ratio)), m["head_dim"]))
+        fits = chunked
         more = max(0, min(want_rows - rows, (room - fits) // per_row))
         rows, room = rows + more, room - fits - more * per_row
     window += min(policy.query_window() - window, max(0, room) // (groups * per_row))

@@ -113,7 +113,7 @@ def versus_baseline(loaded, python: str, length: int, ratio: int, max_queries: i
                 ours.append(one_shot(loaded, length, ratio, max_queries)["total_seconds"])
             else:
                 theirs.append(baseline_total(python, length, ratio, max_queries))
-    ratios = [t / o for o, t in zip(ours, theirs)]
+    ratios = [t / o for o, t in zip(ours, theirs, strict=True)]
     return {"tokens": length, "ratio": ratio, "ours_seconds": ours, "baseline_seconds": theirs,
             "speedup_per_round": [round(x, 3) for x in ratios], "median_speedup": round(statistics.median(ratios), 3)}
 

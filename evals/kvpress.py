@@ -549,7 +549,7 @@ def _markdown(args, results: dict) -> str:
               "its `DecodingPress` (or `CAMPress`) over the named scorer press, with kvpress's defaults except "
               "`target_size`, `compression_interval` and SnapKV's window (below)."), "",
              "## Equal memory: the budget mapping", "",
-             (f"agentloop holds a token cap N: before every forward the loop checks that the physical slots plus the "
+             ("agentloop holds a token cap N: before every forward the loop checks that the physical slots plus the "
               "forward's tokens stay within N, and `am` then compacts everything but the 20 newest tokens to half "
               "(N → about N/2 + 10). kvpress's `DecodingPress` counts one step per forward and, in the forward hook of "
               "every `compression_interval`-th step, cuts each layer to `target_size` slots, so during that forward a "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import VOCAB, _tiny
 
 from agentloop.errors import AgentloopError
 from agentloop.evals.kvpress import (
@@ -25,7 +26,6 @@ from agentloop.evals.kvpress import (
     press_spec,
     run_runner,
 )
-from conftest import VOCAB, _tiny
 
 FAKE_KVPRESS = Path(__file__).parent / "fake_kvpress"
 
