@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from agentloop.checkpoint import DEFAULT_EVERY, Checkpointer, load_session, read_checkpoint
 from agentloop.compaction.queries import turn_ids
-from agentloop.errors import AgentloopError, Terminated
+from agentloop.errors import AgentloopError
 from agentloop.events import Event, FinishEvent, IngestEvent, MessageEvent, ToolCallEvent, ToolResultEvent
 from agentloop.ingest import ingest_result
 from agentloop.loop import Session
@@ -43,7 +43,7 @@ from agentloop.policies import make_policy
 from agentloop.task import TaskSpec, load_task, validate_task
 from agentloop.toolcalls import ParsedCalls, parse_tool_calls
 from agentloop.tools import Tool, ToolBox, function_tool, make_tools
-from agentloop.trace import JsonlTrace
+from agentloop.trace import JsonlTrace, interruption
 
 # the transcript so far -> the assistant's next reply (raw text), teacher-forced; None lets the model decode it
 ReplyFn = Callable[[list[dict]], str | None]
@@ -264,14 +264,7 @@ class Agent:
         except BaseException as exc:
             if not finished:
                 self._broken = True
-                if isinstance(exc, KeyboardInterrupt):
-                    reason, message = "cancelled", "interrupted by the user (SIGINT)"
-                elif isinstance(exc, GeneratorExit):
-                    reason, message = "cancelled", "the caller stopped the run"
-                elif isinstance(exc, Terminated):
-                    reason, message = "terminated", "terminated (SIGTERM)"
-                else:
-                    reason, message = "error", f"{type(exc).__name__}: {exc}"
+                reason, message = interruption(exc) or ("error", f"{type(exc).__name__}: {exc}")
                 self._record(self._finish(reason, error=True, message=message))
             raise
 

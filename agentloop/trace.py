@@ -95,6 +95,18 @@ def _open_append(path: Path) -> int:
     return fd
 
 
+def interruption(exc: BaseException | None) -> tuple[str, str] | None:
+    """(reason, message) of the final record when `exc` stopped a run from outside (Ctrl-C, SIGTERM, the caller
+    closing the event generator); None for anything else."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "cancelled", "interrupted by the user (SIGINT)"
+    if isinstance(exc, Terminated):
+        return "terminated", "terminated (SIGTERM)"
+    if isinstance(exc, GeneratorExit):
+        return "cancelled", "the caller stopped the run"
+    return None
+
+
 class JsonlTrace:
     """`append=True` continues the existing trace of a resumed run (`agentloop run --resume`) instead of claiming a
     new file: the one deliberate exception to "never write over a file", and only for the run that wrote it. A
@@ -139,12 +151,8 @@ class JsonlTrace:
             return
         if not self.records and self.opening is not None and not self.append:
             self.write(self.opening)
-        if isinstance(exc, KeyboardInterrupt):
-            reason, message = "cancelled", "interrupted by the user (SIGINT)"
-        elif isinstance(exc, Terminated):
-            reason, message = "terminated", "terminated (SIGTERM)"
-        elif isinstance(exc, GeneratorExit):
-            reason, message = "cancelled", "the caller stopped the run"
+        if interruption(exc) is not None:
+            reason, message = interruption(exc)
         elif exc is None:
             reason, message = "error", "the run ended without saying why"
         else:
