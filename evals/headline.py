@@ -313,6 +313,17 @@ def _earlier(args) -> dict:
     return earlier
 
 
+def _paired_table(comparisons: dict[str, dict]) -> list[str]:
+    """Markdown rows of `am` against each named row (paired bootstrap and McNemar)."""
+    lines = ["| against | problems | am | other | difference [95% paired bootstrap] | only am / only other | McNemar p "
+             "| verdict |", "|---|---|---|---|---|---|---|---|"]
+    for name, c in comparisons.items():
+        lo, hi = c["ci95"]
+        lines.append(f"| {name} | {c['n']} | {c['accuracy_a']:.1%} | {c['accuracy_b']:.1%} | {c['difference']:+.1%} "
+                     f"[{lo:+.1%}, {hi:+.1%}] | {c['only_a']} / {c['only_b']} | {c['p']:.3g} | {c['verdict']} |")
+    return lines
+
+
 def report(args, results: dict, model: str) -> tuple[dict, str]:
     records = results["records"]
     summary = summarize(records) if records else {}
@@ -335,21 +346,10 @@ def report(args, results: dict, model: str) -> tuple[dict, str]:
                      f"{s['compactions_max']} | {s['forced']} | {s['prompt_cut']} / {s['prompt_over_cap']} | {s['length_median']:g} | "
                      f"{s['seconds_median']:g} |")
     if comparisons:
-        lines += ["", "## `am` against each row, paired on the same problems", "",
-                  "| against | problems | am | other | difference [95% paired bootstrap] | only am / only other | McNemar p | verdict |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for name, c in comparisons.items():
-            lo, hi = c["ci95"]
-            lines.append(f"| {name} | {c['n']} | {c['accuracy_a']:.1%} | {c['accuracy_b']:.1%} | {c['difference']:+.1%} "
-                         f"[{lo:+.1%}, {hi:+.1%}] | {c['only_a']} / {c['only_b']} | {c['p']:.3g} | {c['verdict']} |")
-        lines += ["", (f"The same on the {len(fits)} problems whose prompt fits in {room} slots (the cap less the "
+        lines += ["", "## `am` against each row, paired on the same problems", "", *_paired_table(comparisons),
+                  "", (f"The same on the {len(fits)} problems whose prompt fits in {room} slots (the cap less the "
                        f"forced answer's room), where `none` and `truncate` read the whole problem:"), "",
-                  "| against | problems | am | other | difference [95% paired bootstrap] | only am / only other | McNemar p | verdict |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for name, c in fit.items():
-            lo, hi = c["ci95"]
-            lines.append(f"| {name} | {c['n']} | {c['accuracy_a']:.1%} | {c['accuracy_b']:.1%} | {c['difference']:+.1%} "
-                         f"[{lo:+.1%}, {hi:+.1%}] | {c['only_a']} / {c['only_b']} | {c['p']:.3g} | {c['verdict']} |")
+                  *_paired_table(fit)]
     lines += ["", ("`none` stops at the cap less the forced answer's room and answers, within the prompt if it is "
                    "longer (\"prompt cut\": it answers having read only the prompt's start); `truncate` keeps the whole "
                    "prompt and drops the oldest tokens after it, and fails a problem whose prompt alone does not fit "
