@@ -21,6 +21,7 @@ EVALS: dict[str, tuple[str, str]] = {
     "compaction-speed": ("agentloop.evals.compaction_speed", "seconds per stage of a compaction, and its ratio to a prefill"),
     "gsm8k": ("agentloop.evals.gsm8k", "GSM8K accuracy under a KV cap (online compaction) vs uncapped"),
     "ingestion": ("agentloop.evals.ingestion", "pass key in a long tool result compacted on ingestion vs whole vs truncated"),
+    "research": ("agentloop.evals.research", "an agent answers questions about long files it reads, under a cap"),
     "ruler": ("agentloop.evals.ruler", "RULER needle and QA tasks after one-shot compaction, per method and ratio"),
     "vs-reference": ("agentloop.evals.vs_reference", "AM solver vs the paper's reference code on identical tensors"),
     "gpu-check": ("agentloop.evals.gpu_check", "correctness on the device, then decode, compaction and memory benchmarks"),
@@ -181,10 +182,11 @@ def read_jsonl(path: str, expected: str) -> list[tuple[int, object]]:
     return rows
 
 
-def earlier_records(args, same: tuple[str, ...], unit, per_unit: int, older: dict | None = None) -> list[dict]:
+def earlier_records(args, same: tuple[str, ...], unit, per_unit, older: dict | None = None) -> list[dict]:
     """--resume: the records of evals/results/<args.name>.json if it was run with the same settings `same` (a
     setting an older file did not record counts as `older[setting]`), complete units only: `unit(record)` names
-    the trial or sample a record belongs to, and a complete one has `per_unit` records."""
+    the trial or sample a record belongs to, and a complete one has `per_unit` records (a number, or a function of
+    one of its records)."""
     from agentloop.errors import AgentloopError
 
     path = results_dir() / f"{args.name}.json"
@@ -199,7 +201,8 @@ def earlier_records(args, same: tuple[str, ...], unit, per_unit: int, older: dic
     count: dict = {}
     for record in earlier["records"]:
         count[unit(record)] = count.get(unit(record), 0) + 1
-    return [r for r in earlier["records"] if count[unit(r)] == per_unit]
+    wanted = per_unit if callable(per_unit) else lambda record: per_unit
+    return [r for r in earlier["records"] if count[unit(r)] == wanted(r)]
 
 
 def write_results(name: str, data: dict, markdown: str) -> Path:

@@ -98,13 +98,22 @@ def correct(text: str, key: str) -> bool:
 
 def _measure(session, suffix: list[int], key: str, answer_tokens: int) -> dict:
     """The cache held after ingestion, then the answer to the question and whether it is right."""
-    held = session.cache.nbytes()
+    held = session.cache.held_bytes()
     text = answer(session, suffix, answer_tokens)
     return {"cache_bytes": held, "answer": text, "correct": correct(text, key)}
 
 
+CONDITIONS = {  # name: (compaction method, reads the pending task), "truncate" is the baseline
+    "am": ("am-hak-fast", False),  # queries: the re-read of the piece
+    "am-ss": ("am-hak", False),  # the re-read + self-study (the model's answers to study prompts about the piece)
+    "am-task": ("am-hak-fast", True),  # the re-read + the pending request and the model's draft reply
+    "am-task-ss": ("am-hak", True),  # all three
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    from agentloop.evals import EvalParser, add_output_options, add_query_option, count, whole
+    from agentloop.compaction.span import TASK_SHARE
+    from agentloop.evals import EvalParser, add_output_options, add_query_option, count, earlier_records, whole
 
     parser = EvalParser(prog="agentloop eval ingestion", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,14 +132,24 @@ def main(argv: list[str] | None = None) -> int:
                         "(0: each piece as one block, the default of memory.ingest.chunk_tokens)")
     add_query_option(parser)
     parser.add_argument("--task-first", action="store_true",
-                        help="the user asks the question before the file is read; adds the am-task condition "
-                             "(memory.ingest.task_queries: the compaction knows the pending request)")
+                        help="the user asks the question before the file is read (the pending task the agent knows "
+                             "when the result arrives)")
+    parser.add_argument("--conditions", nargs="+", choices=[*CONDITIONS, "truncate"],
+                        help="compaction conditions next to `whole` (default: am, am-ss and truncate; with "
+                             "--task-first also am-task)")
+    parser.add_argument("--task-share", type=float, default=TASK_SHARE,
+                        help=f"share of the fitting rows held by the task's queries (default {TASK_SHARE})")
     parser.add_argument("--answer-tokens", type=count, default=8)
     parser.add_argument("--seed", type=whole, default=0)
+    parser.add_argument("--resume", action="store_true", help="keep the trials already in the results file "
+                        "(same settings) and run the rest")
     add_output_options(parser, "ingestion")
     args = parser.parse_args(argv)
     if args.min_tokens > args.max_tokens:
         parser.error(f"--min-tokens ({args.min_tokens}) is larger than --max-tokens ({args.max_tokens})")
+    if not 0 < args.task_share < 1:
+        parser.error(f"--task-share must be between 0 and 1, got {args.task_share}")
+    args.conditions = args.conditions or ["am", "am-ss", *["am-task"] * args.task_first, "truncate"]
 
     from agentloop import Session
     from agentloop.compaction.queries import turn_ids
@@ -139,40 +158,60 @@ def main(argv: list[str] | None = None) -> int:
     from agentloop.task import IngestSpec
 
     loaded = load_eval_model(args.model)
-    pending = turn_ids(loaded.tokenizer, request(True))  # the agent's task_ids: the pending request as a new turn
+    # the agent's task_ids: the pending request as a new turn (agent._ingest); without --task-first it says only
+    # "Read notes.txt.", as an agent's request would if the question came later
+    pending = turn_ids(loaded.tokenizer, request(args.task_first))
     rng = random.Random(args.seed)
     short, long = f"{args.min_tokens}-{args.max_tokens} tok", f"{args.long_tokens} tok"
     plan = [(short, args.ratios)] * args.trials + [(long, args.long_ratios)] * args.long_trials
-    records = []
+    same = ("model", "source", "min_tokens", "max_tokens", "long_tokens", "keep", "piece_tokens", "chunk_tokens",
+            "max_queries", "task_first", "task_share", "answer_tokens", "seed", "conditions")
+    per_trial = {group: 1 + len(ratios) * len(args.conditions) for group, ratios in plan}
+    records = earlier_records(args, same, lambda r: r["trial"], lambda r: per_trial[r["group"]]) if args.resume else []
+    done = {r["trial"] for r in records}
     for trial, (group, ratios) in enumerate(plan):
         tic = time.perf_counter()
         n_tokens = rng.randint(args.min_tokens, args.max_tokens) if group == short else args.long_tokens
         prefix, result, suffix, key, depth = make_trial(loaded.tokenizer, rng, n_tokens, args.source, args.task_first)
+        if trial in done:  # the trial's text is drawn all the same, so later trials are the ones a full run has
+            continue
         base = Session(loaded)
         list(base.feed(prefix))
         whole = base.fork()
+        clock = time.perf_counter()
         list(whole.feed(result))
+        whole_s = time.perf_counter() - clock
         row = {"trial": trial, "group": group, "tokens": len(result), "depth": round(depth, 3), "key": key}
         measure = (suffix, key, args.answer_tokens)
         records.append({**row, "condition": "whole", "ratio": 1, "result_slots": len(result),
-                        **_measure(whole.fork(), *measure)})
+                        "ingest_s": round(whole_s, 2), **_measure(whole.fork(), *measure)})
         for ratio in ratios:
-            spec = IngestSpec(trigger_tokens=2 * args.keep + 2, ratio=1 / ratio, keep_first=args.keep,
-                              keep_last=args.keep, piece_tokens=args.piece_tokens,
-                              chunk_tokens=args.chunk_tokens or None, max_queries=args.max_queries)
-            for condition, task_ids in [("am", [])] + [("am-task", pending)] * args.task_first:
+            slots = None
+            for condition in args.conditions:
+                if condition == "truncate":
+                    continue
+                method, reads_task = CONDITIONS[condition]
+                spec = IngestSpec(trigger_tokens=2 * args.keep + 2, ratio=1 / ratio, keep_first=args.keep,
+                                  keep_last=args.keep, piece_tokens=args.piece_tokens, method=method,
+                                  chunk_tokens=args.chunk_tokens or None, max_queries=args.max_queries)
                 session = base.fork()
-                pieces = [item for item in ingest_result(session, result, spec, task_ids, seed=args.seed + trial)
+                clock = time.perf_counter()
+                pieces = [item for item in ingest_result(session, result, spec, pending if reads_task else [],
+                                                         seed=args.seed + trial, task_share=args.task_share)
                           if isinstance(item, dict)]
+                ingest_s = time.perf_counter() - clock
                 slots = sum(p["slots_after"] for p in pieces)
                 records.append({**row, "condition": condition, "ratio": ratio, "result_slots": slots,
                                 "pieces": len(pieces), "compact_s": round(sum(p["seconds"] for p in pieces), 2),
+                                "ingest_s": round(ingest_s, 2),
                                 "output_error": sum(p["output_error"] for p in pieces) / len(pieces),
                                 **_measure(session, *measure)})
-            session = whole.fork()
-            truncate_result(session, len(result), slots)
-            records.append({**row, "condition": "truncate", "ratio": ratio, "result_slots": slots,
-                            **_measure(session, *measure)})
+            if "truncate" in args.conditions:
+                slots = slots or _compacted_slots(len(result), ratio, args)
+                session = whole.fork()
+                truncate_result(session, len(result), slots)
+                records.append({**row, "condition": "truncate", "ratio": ratio, "result_slots": slots,
+                                "ingest_s": round(whole_s, 2), **_measure(session, *measure)})
         mine = [r for r in records if r["trial"] == trial]
         marks = " ".join(f"{r['condition']}{'' if r['condition'] == 'whole' else ' ' + str(r['ratio']) + 'x'} "
                          f"{'ok' if r['correct'] else 'miss'}" for r in mine)
@@ -184,6 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _compacted_slots(n_result: int, ratio: int, args) -> int:
+    """The slots a result compacted on ingestion holds (its verbatim ends plus each piece's middle / ratio), for a
+    truncation run without an AM condition next to it."""
+    pieces = -(-n_result // args.piece_tokens)
+    middles = n_result - 2 * args.keep
+    return 2 * args.keep + sum(max(1, round(middles / pieces / ratio)) for _ in range(pieces))
+
+
 def _report(args, records: list[dict], argv: list[str] | None) -> str:
     """Accuracy and memory per condition; written to evals/results after every trial (unless --no-write)."""
     from agentloop.evals import results_dir, write_results
@@ -193,7 +240,7 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
     groups = list(dict.fromkeys(r["group"] for r in records))  # short results first, then long ones
     present = {(r["condition"], r["ratio"]) for r in records}
     conditions = [("whole", 1)] + [(c, r) for r in sorted({r["ratio"] for r in records} - {1})
-                                   for c in ("am", "am-task", "truncate") if (c, r) in present]
+                                   for c in (*CONDITIONS, "truncate") if (c, r) in present]
     summary = {}
     for condition, ratio in conditions:
         for group in groups:
@@ -203,25 +250,39 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
                 summary.setdefault(f"{condition} {ratio}x", {})[group] = {
                     "accuracy": k / len(sel), "n": len(sel), "ci95": wilson(k, len(sel)),
                     "cache_bytes": sum(r["cache_bytes"] for r in sel) / len(sel),
-                    "result_slots": sum(r["result_slots"] for r in sel) / len(sel)}
+                    "result_slots": sum(r["result_slots"] for r in sel) / len(sel),
+                    **({"ms_per_token": 1000 * sum(r["ingest_s"] for r in sel) / sum(r["tokens"] for r in sel)}
+                       if all("ingest_s" in r for r in sel) else {})}
     trials = len({r["trial"] for r in records})
     chunks = f" in chunks of {args.chunk_tokens} tokens" if args.chunk_tokens else ""
     first = getattr(args, "task_first", False)
-    asked = ("The user asks the question before the file is read and again after it; `am-task` compacts knowing "
-             "that pending request (memory.ingest.task_queries), `am` does not. " if first else "")
+    asked = ("The user asks the question before the file is read and again after it. " if first else
+             "The user asks the question only after the file is read. ")
+    share = getattr(args, "task_share", None)
+    named = {"am": "the re-read of the piece (`am-hak-fast`)", "am-ss": "the re-read and self-study (`am-hak`)",
+             "am-task": f"the re-read and the pending request with the model's draft reply ({share:.0%} of the rows; "
+                        "memory.ingest.task_queries)" if share else "",
+             "am-task-ss": "self-study, the re-read and the pending request"}
+    present_names = [c for c in CONDITIONS if any(r["condition"] == c for r in records)]
+    asked += "Fitting queries: " + "; ".join(f"`{c}` {named[c]}" for c in present_names) + ". "
     lines = [f"# Passkey retrieval from a long tool result compacted on ingestion ({args.model}, {args.source})", "",
              (f"{trials} trials: a five-digit pass key at a random depth of a tool result of {' or '.join(groups)}ens "
               "(columns), read in an "
               f"agent conversation; the result is ingested in pieces of at most {args.piece_tokens} tokens, each "
               f"compacted right after its prefill{chunks} (first/last {args.keep} tokens of the result verbatim), "
               f"then the question is asked. {asked}`truncate` keeps the result's head and tail in as many slots as "
-              "`am`. Accuracy (n), "
-              "and the cache held after ingestion:"), "",
-             "| condition | " + " | ".join(f"accuracy {g} | cache {g}" for g in groups) + " |",
-             "|---|" + "---|---|" * len(groups)]
+              "`am`. Accuracy (n) with its 95% Wilson interval, the cache held after ingestion, and the time to "
+              "ingest the result (prefill and compaction) per token:"), "",
+             "| condition | " + " | ".join(f"accuracy {g} | cache | ms/token" for g in groups) + " |",
+             "|---|" + "---|---|---|" * len(groups)]
+
+    def cell(c: dict) -> str:
+        low, high = c["ci95"]
+        speed = f"{c['ms_per_token']:.1f}" if "ms_per_token" in c else "-"
+        return f"{c['accuracy']:.0%} ({c['n']}; {low:.0%}-{high:.0%}) | {format_bytes(c['cache_bytes'])} | {speed}"
+
     for name, by_group in summary.items():
-        cells = [f"{by_group[g]['accuracy']:.0%} ({by_group[g]['n']}) | {format_bytes(by_group[g]['cache_bytes'])}"
-                 if g in by_group else "- | -" for g in groups]
+        cells = [cell(by_group[g]) if g in by_group else "- | - | -" for g in groups]
         lines.append(f"| {name.replace(' 1x', '')} | " + " | ".join(cells) + " |")
     command = ("agentloop eval ingestion " + " ".join(argv or [])).strip()
     lines += ["", f"95% Wilson intervals and every answer are in {args.name}.json. Reproduce: `{command}`"]
@@ -245,7 +306,8 @@ def _plot(summary: dict, groups: list[str], path: Path) -> None:
         whole = summary.get("whole 1x", {}).get(group)
         if whole:
             ax.axhline(whole["accuracy"], color=color, lw=1, ls=":", label=f"whole result ({group})")
-        for condition, style in (("am", "-o"), ("am-task", "-^"), ("truncate", "--s")):
+        for condition, style in (("am", "-o"), ("am-ss", "-v"), ("am-task", "-^"), ("am-task-ss", "-D"),
+                                 ("truncate", "--s")):
             points = sorted((int(name.split()[1][:-1]), g[group]["accuracy"]) for name, g in summary.items()
                             if name.startswith(condition + " ") and group in g)
             if points:
