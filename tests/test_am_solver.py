@@ -231,3 +231,24 @@ def test_parts_of_a_span_fitted_with_its_attention_statistics_keep_the_span_mass
     with_stats = compact(fit, K, V, t=16, scale=SCALE, method="hak", span=row_max_lse(fit, K, SCALE))
     assert torch.allclose(same.beta, with_stats.beta, atol=1e-4) and torch.allclose(same.values, with_stats.values,
                                                                                      atol=1e-3)
+
+
+def test_span_statistics_streamed_over_key_blocks_equal_one_pass_and_stay_in_the_scratch(monkeypatch):
+    # a long span's row max and log-sum-exp are read in key blocks within chunk_bytes (a running max and
+    # log-sum-exp), exact, also where a block holds only keys that are off (β = -inf)
+    from agentloop.compaction import solver
+    from agentloop.compaction.solver import row_max_lse
+
+    g = torch.Generator().manual_seed(1)
+    H, n, T = 3, 40, 90
+    Q, K, bias = torch.randn(H, n, D, generator=g), torch.randn(H, T, D, generator=g), torch.randn(H, T, generator=g)
+    bias[1, :50] = -math.inf
+    logits = torch.baddbmm(bias[:, None, :], Q, K.mT, alpha=SCALE)
+    largest = []
+    real_logits = solver.attention_logits
+    monkeypatch.setattr(solver, "attention_logits",
+                        lambda *a, **k: largest.append(real_logits(*a, **k).numel() * 4) or real_logits(*a, **k))
+    chunk_bytes = 8 * n * 16  # blocks of 16 keys
+    row_max, lse = row_max_lse(Q, K, SCALE, bias, chunk_bytes=chunk_bytes)
+    assert torch.allclose(row_max, logits.amax(-1)) and torch.allclose(lse, logits.logsumexp(-1), atol=1e-5)
+    assert max(largest) <= chunk_bytes // 2 and len(largest) >= T // 16

@@ -617,11 +617,25 @@ def compact(Q: Tensor, K: Tensor, V: Tensor, t: int, scale: float, bias: Tensor 
 
 def row_max_lse(Q: Tensor, K: Tensor, scale: float, bias: Tensor | None = None,
                 chunk_bytes: int | None = None) -> tuple[Tensor, Tensor]:
-    """Row max and log-sum-exp of the logits of Q [H, n, d] against all keys K [H, T, d]: ([H, n], [H, n])."""
+    """Row max and log-sum-exp of the logits of Q [H, n, d] against all keys K [H, T, d]: ([H, n], [H, n]).
+
+    Streamed over heads and, when one head's [n, T] logits exceed `chunk_bytes`, over blocks of keys (a running max
+    and log-sum-exp; exact), so that a span of any length fits the scratch budget."""
+    chunk_bytes = chunk_bytes or default_chunk_bytes(K.device)
+    n, T = Q.shape[1], K.shape[1]
+    block = max(1, min(T, chunk_bytes // (8 * n)))  # keys per block: its logits and their exp within chunk_bytes
     parts = []
-    for heads in _head_chunks(K.shape[0], Q.shape[1], K.shape[1], chunk_bytes or default_chunk_bytes(K.device)):
-        S = attention_logits(Q[heads].float(), K[heads].float(), scale, bias[heads].float() if bias is not None else None)
-        parts.append((S.amax(-1), S.logsumexp(-1)))
+    for heads in _head_chunks(K.shape[0], n, block, chunk_bytes // 2):
+        q = Q[heads].float()
+        row_max = lse = None
+        for lo in range(0, T, block):
+            S = attention_logits(q, K[heads, lo:lo + block].float(), scale,
+                                 bias[heads, lo:lo + block].float() if bias is not None else None)
+            block_max, block_lse = S.amax(-1), S.logsumexp(-1)
+            del S
+            row_max = block_max if row_max is None else torch.maximum(row_max, block_max)
+            lse = block_lse if lse is None else torch.logaddexp(lse, block_lse)
+        parts.append((row_max, lse))
     row_max, lse = (torch.cat(tensors) for tensors in zip(*parts, strict=True))
     return row_max, lse
 
