@@ -210,8 +210,9 @@ def verdict(summary: dict, comparisons: dict[str, dict], fit: dict[str, dict] | 
                    f"beats {_names(beaten)} but not {_names([b for b in rest if b not in beaten])}")
         holds = level != "falls short of" and len(beaten) == len(rest)
         partly = level != "falls short of" or beaten
-        lines.append(f"In one line: the claim's shape {'holds' if holds else 'holds only in part' if partly else 'does not hold'} "
-                     f"here: `am` under the cap {level} the uncapped run and {against}.")
+        verdict = "holds" if holds else "holds only in part" if partly else "does not hold"
+        lines.append(f"In one line: the claim's shape {verdict} here: `am` under the cap {level} the uncapped run and "
+                     f"{against}.")
     return lines
 
 
@@ -338,13 +339,14 @@ def report(args, results: dict, model: str) -> tuple[dict, str]:
               f"thinks under the cap less that room. `am` = {AM_SETTINGS}."), "",
              "## Verdict", "", *verdict(summary, comparisons, fit), "",
              "## Rows", "",
-             "| row | problems | accuracy [95% Wilson] | policy actions median / max | forced | prompt cut / over cap | median length (tokens) | median s / problem |",
+             "| row | problems | accuracy [95% Wilson] | policy actions median / max | forced | prompt cut / over cap | "
+             "median length (tokens) | median s / problem |",
              "|---|---|---|---|---|---|---|---|"]
     for row, s in summary.items():
         lo, hi = s["ci95"]
         lines.append(f"| {row} | {s['n']} | {s['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] | {s['compactions_median']:g} / "
-                     f"{s['compactions_max']} | {s['forced']} | {s['prompt_cut']} / {s['prompt_over_cap']} | {s['length_median']:g} | "
-                     f"{s['seconds_median']:g} |")
+                     f"{s['compactions_max']} | {s['forced']} | {s['prompt_cut']} / {s['prompt_over_cap']} | "
+                     f"{s['length_median']:g} | {s['seconds_median']:g} |")
     if comparisons:
         lines += ["", "## `am` against each row, paired on the same problems", "", *_paired_table(comparisons),
                   "", (f"The same on the {len(fits)} problems whose prompt fits in {room} slots (the cap less the "
@@ -378,8 +380,9 @@ def _plot(summary: dict, records: list[dict], path, cap: int) -> None:
     fig, (ax_acc, ax_comp) = plt.subplots(1, 2, figsize=(11, 4))
     rows = list(summary)
     values = [summary[r]["accuracy"] for r in rows]
-    errors = [[max(0.0, v - summary[r]["ci95"][0]) for r, v in zip(rows, values)],  # rounding can put v a hair
-              [max(0.0, summary[r]["ci95"][1] - v) for r, v in zip(rows, values)]]  # outside its own interval
+    # rounding can put a value a hair outside its own interval
+    errors = [[max(0.0, v - summary[r]["ci95"][0]) for r, v in zip(rows, values, strict=True)],
+              [max(0.0, summary[r]["ci95"][1] - v) for r, v in zip(rows, values, strict=True)]]
     ax_acc.bar(rows, values, yerr=errors, capsize=4,
                color=["tab:green" if r == "uncapped" else "tab:blue" if r == "am" else "tab:gray" for r in rows])
     ax_acc.set(ylabel="accuracy (95% Wilson)", title=f"GSM8K, cap {cap} slots")

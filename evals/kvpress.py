@@ -254,8 +254,8 @@ def kvpress_fidelity_cell(model: str, record: dict) -> dict:
 
 def crosscheck(agentloop_ref: dict, kvpress_ref: dict) -> dict:
     """How closely the kvpress environment's uncapped replay reproduces agentloop's (same weights, same tokens)."""
-    same = [a == b for a, b in zip(agentloop_ref["top1_ids"], kvpress_ref["top1_ids"])]
-    diffs = [abs(a - b) for a, b in zip(agentloop_ref["nll"], kvpress_ref["nll"])]
+    same = [a == b for a, b in zip(agentloop_ref["top1_ids"], kvpress_ref["top1_ids"], strict=False)]
+    diffs = [abs(a - b) for a, b in zip(agentloop_ref["nll"], kvpress_ref["nll"], strict=False)]
     return {"top1_agreement": sum(same) / len(same), "mean_abs_nll_diff": sum(diffs) / len(diffs),
             "max_abs_nll_diff": max(diffs)}
 
@@ -638,9 +638,9 @@ def _markdown(args, results: dict) -> str:
                    "slots in score order, not in time order (NVIDIA/kvpress#173); `StreamingLLMPress` takes the cache's "
                    "first 4 slots as its sinks and the slots after them as the oldest, so after its first decode-time "
                    "compression (all kept slots tie) it protects arbitrary slots and prunes a mix of old and recent "
-                   "ones: measured as shipped. Pass-key comparison unit: a trial's accuracy over its k = 1..8 questions; fidelity: "
-                   "top-1 agreement per position after the 6th compaction, in 64-token blocks. Everything per trial and "
-                   "position is in kvpress.json."),
+                   "ones: measured as shipped. Pass-key comparison unit: a trial's accuracy over its k = 1..8 questions; "
+                   "fidelity: top-1 agreement per position after the 6th compaction, in 64-token blocks. Everything per "
+                   "trial and position is in kvpress.json."),
               "", ("Reproduce: `agentloop eval kvpress` (every row, both models and tasks; resumable with `--resume`; "
                    "after a change to agentloop: `agentloop eval kvpress --resume --only agentloop --rerun am am-prompt`). "
                    "This file was written by: " + "; ".join(f"`{c}`" for c in results.get("commands", [])) + ".")]
@@ -669,13 +669,13 @@ def _plot(results: dict, path: Path) -> None:
         return
     max_k = results["config"]["max_k"]
     fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.8 * len(models)), squeeze=False)
-    for (ax_key, ax_fid), model in zip(axes, models):
+    for (ax_key, ax_fid), model in zip(axes, models, strict=True):
         cells = [c for c in results["cells"] if c["model"] == model]
         table = passkey_table([c for c in cells if c["task"] == "passkey"], max_k)
         for row, entry in table.items():
             points = [(k, entry[str(k)]["accuracy"]) for k in range(1, max_k + 1) if entry[str(k)]["accuracy"] is not None]
             if points:
-                ax_key.plot(*zip(*points), "--s" if row in KVPRESS_ROWS else "-o", label=row)
+                ax_key.plot(*zip(*points, strict=True), "--s" if row in KVPRESS_ROWS else "-o", label=row)
         ax_key.set(title=f"{model}: pass key, cap {results['config']['passkey_cap']} slots", xlabel="compactions (k)",
                    ylabel="accuracy", ylim=(-0.02, 1.02))
         fidelity = [c for c in cells if c["task"] == "fidelity" and "top1" in c]

@@ -85,7 +85,7 @@ class Replay:
 
     def restore(self, snapshot) -> None:
         layers, press_state, self.logical, self.event_positions = snapshot
-        for layer, (keys, values) in zip(self.cache.layers, layers):
+        for layer, (keys, values) in zip(self.cache.layers, layers, strict=False):
             layer.keys, layer.values = keys, values
         if press_state is not None:
             vars(self.press).update(press_state)
@@ -153,7 +153,7 @@ def fidelity(model, request: dict, emit) -> None:
     def replay(run: Replay):
         """Yield (first continuation index, log-probs [n, vocab]) forward by forward."""
         yield 0, run.forward(prompt)[None].log_softmax(-1)  # predicts continuation[0]
-        for start, end in zip(starts, [*starts[1:], fed]):
+        for start, end in zip(starts, [*starts[1:], fed], strict=True):
             yield start + 1, run.forward(continuation[start:end], every_position=True).log_softmax(-1)
 
     tic = time.perf_counter()

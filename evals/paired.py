@@ -37,8 +37,8 @@ def mcnemar(a: list[bool], b: list[bool]) -> dict:
     probability of a split at least this uneven if either row were equally likely to win a discordant unit."""
     if len(a) != len(b):
         raise ValueError(f"paired rows need the same units: {len(a)} vs {len(b)} values")
-    only_a = sum(x and not y for x, y in zip(a, b))
-    only_b = sum(y and not x for x, y in zip(a, b))
+    only_a = sum(x and not y for x, y in zip(a, b, strict=True))
+    only_b = sum(y and not x for x, y in zip(a, b, strict=True))
     n = only_a + only_b
     tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n if n else 1.0
     return {"only_a": only_a, "only_b": only_b, "p": min(1.0, 2 * tail)}
