@@ -297,7 +297,10 @@ def _compact_heads(session, rows_, start, end, bounds, part_slots, queries, name
         Q = K[:, picked.to(K.device)]
     index = torch.tensor(list(rows_))
     chunk_bytes = min(scratch, default_chunk_bytes(K.device))
-    whole = row_max_lse(Q, K, scale, beta, chunk_bytes) if len(bounds) > 1 else None  # parts are fitted as parts of the span
+    whole = None
+    if len(bounds) > 1:  # parts are fitted as parts of the span: its attention statistics, in what the copies leave
+        copies = sum(x.numel() * x.element_size() for x in (K, V, Q, beta) if x is not None)
+        whole = row_max_lse(Q, K, scale, beta, max(chunk_bytes - copies, 8 * 16 * Q.shape[1]))
     parts, real = [], []
     for (lo, hi), per_part in zip(bounds, part_slots, strict=True):
         budget = per_part[index]
