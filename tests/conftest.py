@@ -76,6 +76,16 @@ def smollm2() -> LoadedModel:
     return load_model("smollm2-135m")
 
 
+@pytest.fixture(scope="module")
+def tiny_chat(smollm2) -> LoadedModel:
+    """A 2-layer random Llama with SmolLM2's vocabulary, tokenizer and chat template (agent loops on it are fast)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smollm2.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
+    return LoadedModel(model=LlamaForCausalLM(config).eval(), tokenizer=smollm2.tokenizer, name="tiny-chat",
+                       source="config")
+
+
 def reference_copy(loaded: LoadedModel) -> torch.nn.Module:
     """A stock copy of the model (plain SDPA attention), to compare the loop against."""
     model = copy.deepcopy(loaded.model)

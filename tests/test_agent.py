@@ -11,8 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from agentloop import Agent, AgentloopError
 from agentloop.cache import bytes_per_token
@@ -30,16 +28,6 @@ def script(*replies: str | None):
     """A reply_fn that plays `replies` in order (None: let the model decode that reply)."""
     queue = list(replies)
     return lambda transcript: queue.pop(0)
-
-
-@pytest.fixture(scope="module")
-def tiny_chat(smollm2) -> LoadedModel:
-    """A 2-layer random Llama with SmolLM2's vocabulary, tokenizer and chat template."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smollm2.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
-    return LoadedModel(model=LlamaForCausalLM(config).eval(), tokenizer=smollm2.tokenizer, name="tiny-chat",
-                       source="config")
 
 
 @pytest.fixture

@@ -8,19 +8,6 @@ import random
 from argparse import Namespace
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from agentloop.models import LoadedModel
-
-
-@pytest.fixture(scope="module")
-def tiny_chat(smollm2) -> LoadedModel:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smollm2.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
-    return LoadedModel(model=LlamaForCausalLM(config).eval(), tokenizer=smollm2.tokenizer, name="tiny-chat",
-                       source="config")
 
 
 @pytest.mark.parametrize("kind", ["number", "name", "date"])
