@@ -252,3 +252,28 @@ def test_span_statistics_streamed_over_key_blocks_equal_one_pass_and_stay_in_the
     row_max, lse = row_max_lse(Q, K, SCALE, bias, chunk_bytes=chunk_bytes)
     assert torch.allclose(row_max, logits.amax(-1)) and torch.allclose(lse, logits.logsumexp(-1), atol=1e-5)
     assert max(largest) <= chunk_bytes // 2 and len(largest) >= T // 16
+
+
+@pytest.mark.parametrize("structure", ["gaussian", "structured"])
+def test_one_gram_values_are_the_mass_weighted_least_squares(structure):
+    # the one-Gram path (t² ≥ T·d) solves the value system through the β fit's factorization of G = RᵀR;
+    # its values must be the least squares of the outputs with each query weighted by its compact mass ratio D/m,
+    # solved here independently in float64 from the compact block's own attention
+    Q, K, V = (gaussian(H=2, n=160, T=40, seed=3) if structure == "gaussian"
+               else structured(H=2, n=160, T=40, seed=3, rank=12, logit_std=1.0))
+    result = compact(Q, K, V, t=12, scale=SCALE, method="hak", one_gram=True)
+    Q64, keys, beta = Q.double(), result.keys.double(), result.beta.double()
+    ref_logits = SCALE * Q64 @ K.double().mT  # [H, n, T]
+    target = ref_logits.softmax(-1) @ V.double()  # [H, n, D]
+    logits = SCALE * Q64 @ keys.mT + beta[:, None, :]  # [H, n, t]
+    ratio = (logits.logsumexp(-1) - ref_logits.logsumexp(-1)).exp()[..., None]  # D/m per query
+    expected = torch.linalg.lstsq(ratio * logits.softmax(-1), ratio * target).solution  # [H, t, D]
+    torch.testing.assert_close(result.values.double(), expected, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("k", [255, 256, 300, 512])
+def test_blocked_gram_equals_the_full_product(k):
+    from agentloop.compaction.solver import _gram
+
+    M = torch.randn(2, 96, k, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    torch.testing.assert_close(_gram(M), M.mT @ M, atol=1e-10, rtol=1e-12)

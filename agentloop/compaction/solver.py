@@ -40,6 +40,7 @@ JITTER = 1e-12  # float64 Cholesky jitter, relative to the mean diagonal of the 
 JITTER32 = 1e-8  # float32 Cholesky jitter (relative): makes padding columns definite, moves no fit
 COND_TOL = 1e-4  # a float32 solve whose condition estimate x float32 eps exceeds this is redone in float64
 MIN_WEIGHT = 1e-12  # lower bound on w = exp(β) when no lower β bound is given ("key off", β ≈ −27.6)
+GRAM_BLOCK = 128  # columns per block row of a wide Gram matrix (see _gram)
 ACTIVE_SET_ITERS = 100  # cap on active-set steps after lstsq + clamp in every full β fit (0: as in the paper)
 SINKS = 4  # leading slots kept by the streaming baseline
 
@@ -98,17 +99,38 @@ def _design(E: Tensor, idx: Tensor, unbiasing: Tensor) -> Tensor:
 
 def _normal_equations(M: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
     """MᵀM [H, k, k] and MᵀY [H, k, m] for M [H, n, k], Y [H, n, m], in float32."""
-    return M.mT @ M, M.mT @ Y.float()
+    return _gram(M), M.mT @ Y.float()
 
 
-def _solve_spd(gram: Tensor, rhs: Tensor, ridge: float = 0.0) -> Tensor:
-    """Solve (gram + ridge·I) x = rhs per head ([H, k, k], [H, k, m]); the result has the dtype of `gram`.
+def _gram(M: Tensor) -> Tensor:
+    """MᵀM [H, k, k] for M [H, n, k]. Wide M: only the blocks on and above the diagonal are multiplied (block rows of
+    GRAM_BLOCK columns), those below are copied from them, which saves up to half the n·k² multiply-adds."""
+    k = M.shape[-1]
+    if k < 2 * GRAM_BLOCK:
+        return M.mT @ M
+    gram = M.new_empty(M.shape[0], k, k)
+    for lo in range(0, k, GRAM_BLOCK):
+        hi = min(lo + GRAM_BLOCK, k)
+        gram[:, lo:hi, lo:] = M[..., lo:hi].mT @ M[..., lo:]  # [H, b, k - lo]: this block row from the diagonal on
+        gram[:, hi:, lo:hi] = gram[:, lo:hi, hi:].mT
+    return gram
 
-    In float32: Cholesky with a jitter at float32 round-off (it only makes all-zero padding columns definite); a head
-    is solved again in float64 when its factorization fails or its system is too ill-conditioned for float32 to keep
-    ~1e-4 relative accuracy (condition estimated from the factor's diagonal over its non-padding columns)."""
+
+@dataclass
+class _Factor:
+    """Cholesky factors of SPD systems [H, k, k]: float32 for the heads it suits, float64 for the `bad` others."""
+    chol: Tensor  # [H, k, k] in the gram's dtype (rows of bad heads unused)
+    bad: Tensor  # [H] bool: heads factored again in float64
+    chol64: Tensor | None  # [bad heads, k, k] float64
+
+
+def _factor(gram: Tensor, ridge: float = 0.0) -> _Factor:
+    """Factor (gram + ridge·I) per head, in float32 with a jitter at float32 round-off (it only makes all-zero padding
+    columns definite); a head is factored again in float64 when its float32 factorization fails or its system is too
+    ill-conditioned for float32 to keep ~1e-4 relative accuracy (condition estimated from the factor's diagonal over
+    its non-padding columns). A float64 gram is factored in float64 only."""
     if gram.dtype == torch.float64:
-        return _solve_spd64(gram, rhs, ridge)
+        return _Factor(_cholesky64(gram, ridge), torch.zeros(gram.shape[0], dtype=torch.bool, device=gram.device), None)
     diag = gram.diagonal(dim1=1, dim2=2)  # [H, k]
     real = diag > 0
     mean_diag = (diag * real).sum(1) / real.sum(1).clamp_min(1)
@@ -118,13 +140,25 @@ def _solve_spd(gram: Tensor, rhs: Tensor, ridge: float = 0.0) -> Tensor:
     pivots = chol.diagonal(dim1=1, dim2=2)
     spread = pivots.where(real, 0.0).amax(1) / pivots.where(real, math.inf).amin(1)  # sqrt of the condition estimate
     bad = (info > 0) | ~(spread.square() * torch.finfo(gram.dtype).eps <= COND_TOL)
-    x = torch.cholesky_solve(rhs, chol)
-    if bad.any():
-        x[bad] = _solve_spd64(gram[bad].double(), rhs[bad].double(), ridge).to(x.dtype)
+    return _Factor(chol, bad, _cholesky64(gram[bad].double(), ridge) if bad.any() else None)
+
+
+def _factor_solve(factor: _Factor, rhs: Tensor) -> Tensor:
+    """x with (gram + ridge·I) x = rhs per head ([H, k, m]), in the factored gram's dtype."""
+    x = torch.cholesky_solve(rhs.to(factor.chol.dtype), factor.chol)
+    if factor.chol64 is not None:
+        x[factor.bad] = torch.cholesky_solve(rhs[factor.bad].double(), factor.chol64).to(x.dtype)
     return x
 
 
-def _solve_spd64(gram: Tensor, rhs: Tensor, ridge: float) -> Tensor:
+def _solve_spd(gram: Tensor, rhs: Tensor, ridge: float = 0.0) -> Tensor:
+    """Solve (gram + ridge·I) x = rhs per head ([H, k, k], [H, k, m]); the result has the dtype of `gram`
+    (float32 where it keeps ~1e-4 relative accuracy, else float64, see _factor)."""
+    return _factor_solve(_factor(gram, ridge), rhs)
+
+
+def _cholesky64(gram: Tensor, ridge: float) -> Tensor:
+    """Cholesky factor of a float64 gram + jitter·I, the jitter grown ×1e4 for the heads whose factorization fails."""
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     jitter = JITTER * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(torch.finfo(gram.dtype).tiny) + ridge  # [H]
     for _ in range(3):
@@ -133,7 +167,7 @@ def _solve_spd64(gram: Tensor, rhs: Tensor, ridge: float) -> Tensor:
         if not failed.any():
             break
         jitter = torch.where(failed, jitter * 1e4, jitter)
-    return torch.cholesky_solve(rhs, chol)
+    return chol
 
 
 def _top_eigenvalue(gram: Tensor, iters: int = 3) -> Tensor:
@@ -179,10 +213,12 @@ def _active_set(gram: Tensor, rhs: Tensor, w: Tensor, w_lo: float, w_hi: float, 
 
 
 def _bounded_solve(gram: Tensor, rhs: Tensor, w_lo: float, w_hi: float, pgd_iters: int = 0,
-                   active_set_iters: int = 0) -> Tensor:
-    """min ||Mw − y||² s.t. w_lo ≤ w ≤ w_hi from gram = MᵀM [H, k, k], rhs = Mᵀy [H, k]: unconstrained solve,
-    clamp, active-set refinement, then projected-gradient steps of size 1/σ_max². Returns w [H, k] in gram's dtype."""
-    w = _solve_spd(gram, rhs[..., None])[..., 0].clamp(w_lo, w_hi)
+                   active_set_iters: int = 0, factor: _Factor | None = None) -> Tensor:
+    """min ||Mw − y||² s.t. w_lo ≤ w ≤ w_hi from gram = MᵀM [H, k, k], rhs = Mᵀy [H, k]: unconstrained solve
+    (with `factor`, gram's factorization, when given), clamp, active-set refinement, then projected-gradient steps of
+    size 1/σ_max². Returns w [H, k] in gram's dtype."""
+    factor = factor or _factor(gram)
+    w = _factor_solve(factor, rhs[..., None])[..., 0].to(gram.dtype).clamp(w_lo, w_hi)
     w = _active_set(gram, rhs, w, w_lo, w_hi, active_set_iters)
     if pgd_iters:
         step = 1.0 / _top_eigenvalue(gram)  # [H]
@@ -558,17 +594,19 @@ def _fit_one_gram(E: Tensor, mass: Tensor, idx: Tensor, slot_unbiasing: Tensor, 
 
     β: the bounded LS fit of each query's mass *ratio* (Σ_j R_qj w_j ≈ 1: every query weighs alike, instead of in
     proportion to its mass). Values: the least squares of the outputs with each query weighted by (D_q / mass_q)²,
-    D_q = Σ_j M_qj w_j its compact mass (≈ 1 once β fits). Then the value system is W G W, W = diag(w), and its
-    right-hand side W Rᵀ (D/mass ⊙ Y): the second t×t Gram, the dominant cost at low ratios, is never formed.
+    D_q = Σ_j M_qj w_j its compact mass (≈ 1 once β fits). Then the value system is W G W, W = diag(w) > 0, with
+    right-hand side W Rᵀ (D/mass ⊙ Y), so the values are W⁻¹ G⁻¹ Rᵀ (D/mass ⊙ Y): the second t×t Gram, the dominant
+    cost at low ratios, is never formed, and G's factorization from the β fit is used again.
     Returns (β [h, t], values [h, t, dv], the compact block's (outputs, lse) on the fitting queries)."""
     R = _columns(E, idx).mul_(slot_unbiasing[:, None, :]).div_(mass[..., None])  # [h, n, t]
-    gram = R.mT @ R  # [h, t, t]
-    w = _bounded_solve(gram, R.sum(1), *_weight_bounds(method.lo, method.hi), method.pgd_iters, method.active_set_iters)
+    gram = _gram(R)  # [h, t, t]
+    factor = _factor(gram)
+    w = _bounded_solve(gram, R.sum(1), *_weight_bounds(method.lo, method.hi), method.pgd_iters, method.active_set_iters,
+                       factor=factor)
     beta = _to_beta(w, slot_unbiasing)
     lap("beta")
     ratio = (R @ w[..., None])[..., 0].clamp_min(torch.finfo(R.dtype).tiny)  # D / mass: [h, n]
-    rhs = w[..., None] * (R.mT @ (ref_out * ratio[..., None]))  # [h, t, dv]
-    values = _solve_spd(w[:, :, None] * gram * w[:, None, :], rhs)
+    values = _factor_solve(factor, R.mT @ (ref_out * ratio[..., None])).to(R.dtype) / w[..., None]  # [h, t, dv]
     lap("values")
     out = torch.bmm(R.mul_(w[:, None, :]), values) / ratio[..., None]  # softmax over the compact block, times values
     return beta, values, (out, rowmax + (ratio * mass).log())
