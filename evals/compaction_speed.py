@@ -94,7 +94,7 @@ def baseline_total(python: str, length: int, ratio: int, max_queries: int | None
     """Seconds of the same one-shot compaction by another installation's `agentloop eval compaction-speed`
     (`python` = its interpreter), run in a fresh process in a scratch folder; read from the row it prints."""
     command = [python, "-m", "agentloop.cli", "eval", "compaction-speed", "--lengths", str(length), "--ratios",
-               str(ratio), "--max-queries", str(max_queries or "all"), "--no-write"]
+               str(ratio), "--max-queries", str(max_queries or "all"), "--online-caps", "--no-write"]
     with tempfile.TemporaryDirectory() as scratch:
         done = subprocess.run(command, cwd=scratch, capture_output=True, text=True)
     rows = [ast.literal_eval(line) for line in done.stdout.splitlines() if line.startswith("{'tokens'")]

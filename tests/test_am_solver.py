@@ -277,3 +277,21 @@ def test_blocked_gram_equals_the_full_product(k):
 
     M = torch.randn(2, 96, k, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
     torch.testing.assert_close(_gram(M), M.mT @ M, atol=1e-10, rtol=1e-12)
+
+
+@pytest.mark.parametrize("score", ["rms", "mean", "max"])
+def test_reference_statistics_in_row_blocks_equal_the_whole_attention(monkeypatch, score):
+    from agentloop.compaction import solver
+
+    Q, K, V = gaussian(H=2, n=100, T=40, seed=11)
+    bias = torch.randn(2, 40, generator=torch.Generator().manual_seed(1))
+    bias[:, :3] = -math.inf  # keys that were padding in an earlier compaction
+    monkeypatch.setattr(solver, "ROW_BLOCK_BYTES", (4 * 2 * 40 * 7, 4 * 2 * 40 * 7))  # blocks of 7 query rows
+    rowmax, mass, out, scores = solver._reference(Q, K, V, SCALE, bias, score)
+    logits = SCALE * Q @ K.mT + bias[:, None, :]
+    torch.testing.assert_close(rowmax, logits.amax(-1))
+    torch.testing.assert_close(rowmax + mass.log(), logits.logsumexp(-1))
+    torch.testing.assert_close(out, logits.softmax(-1) @ V)
+    A = logits.softmax(-1)
+    expected = {"rms": A.square().mean(1).sqrt(), "mean": A.mean(1), "max": A.amax(1)}[score]
+    torch.testing.assert_close(scores, expected)

@@ -40,6 +40,7 @@ JITTER = 1e-12  # float64 Cholesky jitter, relative to the mean diagonal of the 
 JITTER32 = 1e-8  # float32 Cholesky jitter (relative): makes padding columns definite, moves no fit
 COND_TOL = 1e-4  # a float32 solve whose condition estimate x float32 eps exceeds this is redone in float64
 MIN_WEIGHT = 1e-12  # lower bound on w = exp(β) when no lower β bound is given ("key off", β ≈ −27.6)
+ROW_BLOCK_BYTES = (4 << 20, 256 << 20)  # one block of query rows of E in _reference (CPU, CUDA)
 GRAM_BLOCK = 128  # columns per block row of a wide Gram matrix (see _gram)
 ACTIVE_SET_ITERS = 100  # cap on active-set steps after lstsq + clamp in every full β fit (0: as in the paper)
 SINKS = 4  # leading slots kept by the streaming baseline
@@ -68,6 +69,44 @@ def attend(Q: Tensor, K: Tensor, V: Tensor, scale: float, bias: Tensor | None = 
     lse = probs.logsumexp(-1)
     probs.sub_(lse[..., None]).exp_()
     return torch.bmm(probs, V), lse
+
+
+def _reference(Q: Tensor, K: Tensor, V: Tensor, scale: float, bias: Tensor | None,
+               score: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The original attention on the queries, a block of query rows at a time (E is never held whole): row max and
+    mass of the logits ([H, n], mass = Σ exp(S − rowmax)), outputs [H, n, dv], and with `score` ("rms", "mean",
+    "max") each key's score over the queries of its softmax weights [H, T] (see _attention_scores)."""
+    H, n, _ = Q.shape
+    T = K.shape[1]
+    rows = max(1, ROW_BLOCK_BYTES[Q.device.type == "cuda"] // (4 * H * T))
+    rowmax, mass = Q.new_empty(H, n), Q.new_empty(H, n)
+    out = Q.new_empty(H, n, V.shape[-1])
+    scores = None if score is None else Q.new_zeros(H, T)
+    if score not in (None, "rms", "mean", "max"):
+        raise ValueError(f"unknown score {score!r} (rms, mean, max)")
+    for lo in range(0, n, rows):
+        E, block_max = shifted_exp(Q[:, lo:lo + rows], K, scale, bias)  # [H, rows, T]
+        block_mass = E.sum(-1)
+        rowmax[:, lo:lo + rows], mass[:, lo:lo + rows] = block_max, block_mass
+        out[:, lo:lo + rows] = torch.bmm(E, V).div_(block_mass[..., None])
+        if score is not None:
+            A = E.div_(block_mass[..., None])  # softmax weights
+            if score == "max":
+                torch.maximum(scores, A.amax(1), out=scores)
+            else:
+                scores.add_((A.square_() if score == "rms" else A).sum(1))
+    if score == "rms":
+        scores.div_(n).sqrt_()
+    elif score == "mean":
+        scores.div_(n)
+    return rowmax, mass, out, scores
+
+
+def _bare_design(Q: Tensor, K: Tensor, idx: Tensor, scale: float, shift: Tensor, keep: Tensor) -> Tensor:
+    """exp(scale·Q K[idx]ᵀ − shift) [H, n, t]: the kept keys' columns of exp(S − shift) without their bias (the
+    fitted β replaces it), 0 where `keep` [H, t] is False (padding slots, keys that were padding)."""
+    logits = torch.bmm(Q, _rows(K, idx).mT).mul_(scale).sub_(shift[..., None])
+    return logits.exp_().mul_(keep[:, None, :])
 
 
 def _columns(E: Tensor, idx: Tensor) -> Tensor:
@@ -233,11 +272,9 @@ def _weight_bounds(lo: float | None, hi: float | None) -> tuple[float, float]:
     return (MIN_WEIGHT if lo is None else math.exp(lo)), (math.inf if hi is None else math.exp(hi))
 
 
-def _fit_weights(E: Tensor, mass: Tensor, idx: Tensor, slot_unbiasing: Tensor, w_lo: float, w_hi: float,
-                 pgd_iters: int, active_set_iters: int) -> Tensor:
-    """Bounded LS weights of the keys idx against the mass [H, n] of all keys (E [H, n, T]): w [H, t].
-    `slot_unbiasing` [H, t] is exp(−bias) of each slot's key, 0 for padding (a zero design column)."""
-    M = _columns(E, idx) * slot_unbiasing[:, None, :]  # bare-key design [H, n, t]
+def _fit_weights(M: Tensor, mass: Tensor, w_lo: float, w_hi: float, pgd_iters: int, active_set_iters: int) -> Tensor:
+    """Bounded LS weights of the bare-key design M [H, n, t] (zero columns for padding slots) against the mass [H, n]
+    of all keys: w [H, t]."""
     gram, rhs = _normal_equations(M, mass[..., None])  # [H, t, t], [H, t, 1]
     return _bounded_solve(gram, rhs[..., 0], w_lo, w_hi, pgd_iters, active_set_iters)
 
@@ -422,7 +459,8 @@ def fit_beta(Q: Tensor, K: Tensor, idx: Tensor, scale: float, bias: Tensor | Non
     (lo None: w = exp(β) ≥ 1e-12; hi None: no upper bound)."""
     E, _ = shifted_exp(Q, K, scale, bias)
     slot_unbiasing = _unbiasing(K, bias).gather(1, idx)
-    w = _fit_weights(E, E.sum(-1), idx, slot_unbiasing, *_weight_bounds(lo, hi), pgd_iters, active_set_iters)
+    w = _fit_weights(_columns(E, idx) * slot_unbiasing[:, None, :], E.sum(-1), *_weight_bounds(lo, hi), pgd_iters,
+                     active_set_iters)
     return _to_beta(w, slot_unbiasing)
 
 
@@ -531,14 +569,12 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, sca
         seconds[stage] += now - clock
         clock = now
 
-    E, rowmax = shifted_exp(Q, K, scale, bias)  # [h, n, T], [h, n]
-    mass = E.sum(-1)  # [h, n]
-    ref_out, ref_lse = torch.bmm(E, V) / mass[..., None], rowmax + mass.log()
-    share = None
-    if span is not None:  # one part of a longer span: shift E by the span's row max, so that each query weighs in
+    ranks = method.selector == "attention" and fixed_idx is None
+    rowmax, mass, ref_out, scores = _reference(Q, K, V, scale, bias, method.score if ranks else None)  # [h, n], ...
+    ref_lse, shift, share = rowmax + mass.log(), rowmax, None
+    if span is not None:  # one part of a longer span: E shifted by the span's row max, so that each query weighs in
         span_max, span_lse = span  # the fits by its attention to this part, as it would in one fit of the span
-        E.mul_((rowmax - span_max).exp()[..., None])
-        mass = E.sum(-1)
+        mass, shift = mass * (rowmax - span_max).exp(), span_max
         share = (ref_lse - span_lse).exp()  # [h, n]: this part's share of each query's attention to the span
     unbiasing = _unbiasing(K, bias)
     lap("reference")
@@ -546,10 +582,12 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, sca
     real = _real_slots(budgets, t)  # [h, t]
     weights = None
     if method.selector == "omp":
+        E = attention_logits(Q, K, scale, bias).sub_(shift[..., None]).exp_()  # [h, n, T]
         idx, weights = _pursue(E, mass, budgets, t, unbiasing, method.k_choice, method.refit_every, method.beta_max,
                                method.drop_below, method.max_rounds, method.active_set_iters)
+        del E
     else:
-        ranked = fixed_idx.to(K.device) if fixed_idx is not None else _ranked_keys(E, mass, t, method)  # [h, t]
+        ranked = _ranked_keys(scores, t, method) if ranks else fixed_idx.to(K.device)  # [h, t]
         idx = ranked.gather(1, _real_first(ranked, real))  # each head keeps its first budgets[h] ranked keys
     keys = _rows(K, idx).masked_fill(~real[..., None], 0.0)
     slot_unbiasing = unbiasing.gather(1, idx) * real  # [h, t], 0 on padding slots
@@ -557,7 +595,8 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, sca
 
     one_gram = method.one_gram if method.one_gram is not None else t * t >= K.shape[1] * K.shape[2]
     if method.fit and method.selector != "omp" and one_gram and span is None and not method.ridge:
-        beta, values, compact_out = _fit_one_gram(E, mass, idx, slot_unbiasing, ref_out, rowmax, method, lap)
+        design = _bare_design(Q, K, idx, scale, shift, slot_unbiasing > 0)
+        beta, values, compact_out = _fit_one_gram(design, mass, slot_unbiasing, ref_out, rowmax, method, lap)
         values = values.masked_fill(~real[..., None], 0.0)
         output_error, mass_error = _errors(*compact_out, ref_out, ref_lse)
         lap("stats")
@@ -568,8 +607,8 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, sca
         beta = beta.masked_fill(~real, -math.inf)
     else:
         if weights is None:
-            weights = _fit_weights(E, mass, idx, slot_unbiasing, *_weight_bounds(method.lo, method.hi),
-                                   method.pgd_iters, method.active_set_iters)
+            weights = _fit_weights(_bare_design(Q, K, idx, scale, shift, slot_unbiasing > 0), mass,
+                                   *_weight_bounds(method.lo, method.hi), method.pgd_iters, method.active_set_iters)
         beta = _to_beta(weights, slot_unbiasing)
     lap("beta")
 
@@ -588,9 +627,10 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, sca
     return keys, beta, values, idx, output_error, mass_error
 
 
-def _fit_one_gram(E: Tensor, mass: Tensor, idx: Tensor, slot_unbiasing: Tensor, ref_out: Tensor, rowmax: Tensor,
+def _fit_one_gram(design: Tensor, mass: Tensor, slot_unbiasing: Tensor, ref_out: Tensor, rowmax: Tensor,
                   method: Method, lap) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-    """β and values from one Gram matrix G = Rᵀ R of the relative design R = E[:, idx] · exp(−bias) / mass.
+    """β and values from one Gram matrix G = Rᵀ R of the relative design R = design / mass (design: the kept bare
+    keys' columns of E, see _bare_design; it is overwritten).
 
     β: the bounded LS fit of each query's mass *ratio* (Σ_j R_qj w_j ≈ 1: every query weighs alike, instead of in
     proportion to its mass). Values: the least squares of the outputs with each query weighted by (D_q / mass_q)²,
@@ -598,7 +638,7 @@ def _fit_one_gram(E: Tensor, mass: Tensor, idx: Tensor, slot_unbiasing: Tensor, 
     right-hand side W Rᵀ (D/mass ⊙ Y), so the values are W⁻¹ G⁻¹ Rᵀ (D/mass ⊙ Y): the second t×t Gram, the dominant
     cost at low ratios, is never formed, and G's factorization from the β fit is used again.
     Returns (β [h, t], values [h, t, dv], the compact block's (outputs, lse) on the fitting queries)."""
-    R = _columns(E, idx).mul_(slot_unbiasing[:, None, :]).div_(mass[..., None])  # [h, n, t]
+    R = design.div_(mass[..., None])  # [h, n, t]
     gram = _gram(R)  # [h, t, t]
     factor = _factor(gram)
     w = _bounded_solve(gram, R.sum(1), *_weight_bounds(method.lo, method.hi), method.pgd_iters, method.active_set_iters,
@@ -612,9 +652,8 @@ def _fit_one_gram(E: Tensor, mass: Tensor, idx: Tensor, slot_unbiasing: Tensor, 
     return beta, values, (out, rowmax + (ratio * mass).log())
 
 
-def _ranked_keys(E: Tensor, mass: Tensor, t: int, method: Method) -> Tensor:
-    """The t keys with the highest attention score, best first: [h, t]."""
-    scores = _attention_scores(E, mass, method.score)  # [h, T]
+def _ranked_keys(scores: Tensor, t: int, method: Method) -> Tensor:
+    """The t keys with the highest attention score (scores [h, T], see _reference), best first: [h, t]."""
     if method.pool > 1:  # neighbours of a strong key count as strong: [h, 1, T] -> [h, T]
         scores = torch.nn.functional.max_pool1d(scores[:, None], method.pool, stride=1, padding=method.pool // 2)[:, 0]
     return scores.topk(t, dim=-1).indices
