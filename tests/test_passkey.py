@@ -134,7 +134,7 @@ def test_compaction_speed_reads_the_baseline_row_and_refuses_a_broken_baseline(t
                                       "echo \"{'tokens': 256, 'ratio': 2, 'total_seconds': 3.25}\"")
     assert baseline_total(good, 256, 2, 512) == 3.25
     assert args_file.read_text().split() == ["-m", "agentloop.cli", "eval", "compaction-speed", "--lengths", "256",
-                                             "--ratios", "2", "--max-queries", "512", "--no-write"]
+                                             "--ratios", "2", "--max-queries", "512", "--online-caps", "--no-write"]
     broken = _stand_in_python(tmp_path, "broken", "echo 'no such eval' >&2; exit 2")
     with pytest.raises(AgentloopError, match="the baseline at .* failed: no such eval"):
         baseline_total(broken, 256, 2, None)
