@@ -75,7 +75,8 @@ def _reference(Q: Tensor, K: Tensor, V: Tensor, scale: float, bias: Tensor | Non
                score: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The original attention on the queries, a block of query rows at a time (E is never held whole): row max and
     mass of the logits ([H, n], mass = Σ exp(S − rowmax)), outputs [H, n, dv], and with `score` ("rms", "mean",
-    "max") each key's score over the queries of its softmax weights [H, T] (see _attention_scores)."""
+    "max") each key's score over the queries of its softmax weights [H, T]: their root mean square, mean or
+    maximum."""
     H, n, _ = Q.shape
     T = K.shape[1]
     rows = max(1, ROW_BLOCK_BYTES[Q.device.type == "cuda"] // (4 * H * T))
@@ -301,21 +302,6 @@ def _fit_values(Q: Tensor, keys: Tensor, beta: Tensor, scale: float, target: Ten
 # ----------------------------------------------------------------------------------------------------
 # key selection
 
-def _attention_scores(E: Tensor, mass: Tensor, score: str, rows: int = 256) -> Tensor:
-    """Per-key score over queries of the softmax weights A = E / mass: [H, T]. A is formed `rows` queries at a time."""
-    if score not in ("rms", "mean", "max"):
-        raise ValueError(f"unknown score {score!r} (rms, mean, max)")
-    inverse = mass.reciprocal()  # [H, n]
-    if score == "mean":
-        return torch.bmm(inverse[:, None, :], E)[:, 0] / E.shape[1]
-    total = None
-    for lo in range(0, E.shape[1], rows):
-        A = E[:, lo:lo + rows] * inverse[:, lo:lo + rows, None]  # [H, rows, T]
-        part = A.square_().sum(1) if score == "rms" else A.amax(1)
-        total = part if total is None else (total.add_(part) if score == "rms" else torch.maximum(total, part))
-    return total.div_(E.shape[1]).sqrt_() if score == "rms" else total
-
-
 def _top_keys(scores: Tensor, t: int) -> Tensor:
     return scores.topk(t, dim=-1).indices.sort(-1).values
 
@@ -439,8 +425,8 @@ def _pursue(E: Tensor, mass: Tensor, budgets: Tensor, t: int, unbiasing: Tensor,
 def select_highest_attention(Q: Tensor, K: Tensor, t: int, scale: float, bias: Tensor | None = None,
                              score: str = "rms") -> Tensor:
     """The t keys with the highest RMS (or mean, max) softmax weight over the queries: idx [H, t], ascending."""
-    E, _ = shifted_exp(Q, K, scale, bias)
-    return _top_keys(_attention_scores(E, E.sum(-1), score), t)
+    no_values = K.new_empty(*K.shape[:2], 0)  # only the scores are wanted: outputs of width 0
+    return _top_keys(_reference(Q, K, no_values, scale, bias, score)[3], t)
 
 
 def select_omp(Q: Tensor, K: Tensor, t: int, scale: float, bias: Tensor | None = None, k_choice: int = 1,
