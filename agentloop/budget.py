@@ -30,6 +30,8 @@ MIN_SLOTS = 32  # a cache smaller than this cannot run a conversation
 PREFILL_CHUNK = 512  # tokens per forward while prefilling (fewer when the step workspace is small)
 WORKSPACE_FRACTION = 0.05  # one forward's transients: a share of the cache's bytes, at least what FLOOR_CHUNK needs
 FLOOR_CHUNK, MIN_CHUNK = 64, 16  # the workspace holds a chunk of at least FLOOR_CHUNK tokens; never fewer than MIN_CHUNK
+FLOOR_SHARE = 4  # ... unless FLOOR_CHUNK tokens' activations (or MIN_PROBE slots) take more than 1/4 of SMALL_RESERVE:
+# then the floor is what that quarter holds (a large model under a small cap re-reads and prefills in smaller steps)
 FLOOR_MASK = 256 << 10
 QUERY_BYTES = 2  # queries are kept in 16 bits (the model's dtype if it is a 16-bit one, else float16)
 RESERVE_FRACTION = 0.10  # a compacting policy's reserve aims at this share of the cache's bytes ...
@@ -39,7 +41,7 @@ SMALL_RESERVE = 56 << 20  # ... or this, for small caches (64 MiB of slack, less
 QUERY_ROWS_PER_SLOT, BYTE_CAP_ROWS_PER_SLOT, LEAST_ROWS_PER_SLOT = 16, 4, 1.25
 LEAST_WINDOW = 32  # decode-time window (tokens) of the `recorded` query source, at least
 PROBE_FRACTION = 32  # a re-read window holds up to 1/32 of the cache's slots (at least MIN_PROBE)
-MIN_PROBE, MAX_PROBE = 128, 512
+MIN_PROBE, MAX_PROBE = 128, 512  # (MIN_PROBE shrinks to what SMALL_RESERVE / FLOOR_SHARE holds, not below MIN_CHUNK)
 ALIGN_SLOTS = 16
 FIT_FRACTION = 0.02  # the solver's matrices may take this share of the cache's bytes (at least one head's need)
 FIT_PART = 256  # ... for a key chunk of at most this many slots
@@ -101,11 +103,18 @@ def workspace(config, dtype: torch.dtype, cache_bytes: int | None,
     if cache_bytes is None:
         mask = 8 << 20
         return prefill_chunk * per_token + 2 * mask + logits, prefill_chunk, mask
-    floor = min(FLOOR_CHUNK, prefill_chunk) * per_token + logits + 2 * FLOOR_MASK
+    floor_chunk = _within_floor_share(FLOOR_CHUNK, per_token)
+    floor = min(floor_chunk, prefill_chunk) * per_token + logits + 2 * FLOOR_MASK
     total = max(floor * 4 // 3, int(WORKSPACE_FRACTION * cache_bytes))
     mask = max(FLOOR_MASK, total // 8)
     chunk = max(MIN_CHUNK, min(prefill_chunk, (total - 2 * mask - logits) // per_token))
     return max(total, chunk * per_token + 2 * mask + logits), chunk, mask
+
+
+def _within_floor_share(count: int, unit_bytes: int) -> int:
+    """`count` (tokens or slots of `unit_bytes` each), or fewer if they take more than SMALL_RESERVE / FLOOR_SHARE:
+    at least MIN_CHUNK."""
+    return max(MIN_CHUNK, min(count, SMALL_RESERVE // FLOOR_SHARE // unit_bytes))
 
 
 def plan(config, dtype: torch.dtype, cap: MemCap | None, policy=None, prefill_chunk: int = PREFILL_CHUNK) -> MemoryBudget:
@@ -164,7 +173,7 @@ def _compaction_reserve(config, dtype, slots: int, policy, workspace_bytes: int,
     kept = max(1, round(slots * policy.ratio))
     per_row = m["layers"] * m["kv_heads"] * m["head_dim"] * QUERY_BYTES
     groups = m["q_heads"] // m["kv_heads"]
-    probe = min(MAX_PROBE, max(MIN_PROBE, slots // PROBE_FRACTION))
+    probe = min(MAX_PROBE, max(_within_floor_share(MIN_PROBE, slot), slots // PROBE_FRACTION))
     probe += -(slots + probe) % ALIGN_SLOTS  # buffers of a multiple of 16 slots: aligned masks for fused kernels
     want_rows = min(policy.max_queries, math.ceil(rows_per_slot * kept))
     rows, window = min(want_rows, math.ceil(LEAST_ROWS_PER_SLOT * kept)), min(policy.query_window(), LEAST_WINDOW)

@@ -104,6 +104,23 @@ def test_budget_split_and_refusal(smollm2):
         plan(config, dtype, parse_mem_cap("12MB"), make_policy("am"))
 
 
+@pytest.mark.parametrize("shape", ["qwen3-4b", "llama-3.1-8b"])
+def test_a_large_model_under_a_small_token_cap_keeps_its_reserve_within_the_slack(shape):
+    # 256 slots of a 4-8B model: the re-read window and the prefill chunk shrink so that the reserve on top of the
+    # cache stays inside the 64 MiB a cap under 640 MiB is allowed (the memory eval's limit), while compacting still
+    # has a re-read window and a chunk of at least 16 tokens
+    from transformers import AutoConfig
+
+    from agentloop.models import RANDOM_SHAPES
+
+    model_type, sizes = RANDOM_SHAPES[shape]
+    config = AutoConfig.for_model(model_type, **sizes)
+    for dtype in (torch.float32, torch.bfloat16):
+        budget = plan(config, dtype, parse_mem_cap("256tok"), make_policy("am"))
+        assert budget.reserve_bytes <= 64 << 20, (dtype, budget.describe())
+        assert budget.probe_slots >= 16 and budget.prefill_chunk >= 16
+        assert budget.query_rows >= 1.25 * 128
+
 def test_token_caps_get_the_fit_rows_fidelity_needs_byte_caps_keep_the_cache(smollm2):
     # 256 slots: the reservoir wants 16 rows per kept slot (2,048 of 128 kept) and the 56 MiB reserve holds them
     config, dtype, am = smollm2.model.config, smollm2.dtype, make_policy("am")
