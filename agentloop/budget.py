@@ -30,8 +30,8 @@ MIN_SLOTS = 32  # a cache smaller than this cannot run a conversation
 PREFILL_CHUNK = 512  # tokens per forward while prefilling (fewer when the step workspace is small)
 WORKSPACE_FRACTION = 0.05  # one forward's transients: a share of the cache's bytes, at least what FLOOR_CHUNK needs
 FLOOR_CHUNK, MIN_CHUNK = 64, 16  # the workspace holds a chunk of at least FLOOR_CHUNK tokens; never fewer than MIN_CHUNK
-FLOOR_SHARE = 4  # ... unless FLOOR_CHUNK tokens' activations (or MIN_PROBE slots) take more than 1/4 of SMALL_RESERVE:
-# then the floor is what that quarter holds (a large model under a small cap re-reads and prefills in smaller steps)
+FLOOR_SHARE = 5  # ... unless FLOOR_CHUNK tokens' activations (or MIN_PROBE slots) take more than 1/5 of SMALL_RESERVE:
+# then the floor is what that fifth holds (a large model under a small cap re-reads and prefills in smaller steps)
 FLOOR_MASK = 256 << 10
 QUERY_BYTES = 2  # queries are kept in 16 bits (the model's dtype if it is a 16-bit one, else float16)
 RESERVE_FRACTION = 0.10  # a compacting policy's reserve aims at this share of the cache's bytes ...

@@ -148,12 +148,18 @@ def cmd_info(args) -> int:
 
     policy = make_policy(args.policy)
     _quiet_transformers()
-    from agentloop.models import DEFAULT_MODEL, load_model
+    from agentloop.models import DEFAULT_MODEL, load_model, resolve_device, resolve_dtype
 
-    loaded = load_model(args.model or DEFAULT_MODEL, dtype=args.dtype)
+    spec = args.model or DEFAULT_MODEL
+    if spec.startswith("random:"):  # shapes only: no weights are drawn to describe them
+        loaded = load_model(spec, dtype=str(resolve_dtype(args.dtype, resolve_device(None))).removeprefix("torch."),
+                            device="meta")
+    else:
+        loaded = load_model(spec, dtype=args.dtype)
     config = loaded.model.config
     params = sum(p.numel() for p in loaded.model.parameters())
-    print(f"model {loaded.name} ({config.model_type}, {params / 1e6:.1f}M params, {loaded.dtype}, {loaded.device})")
+    where = "shapes only" if loaded.device.type == "meta" else str(loaded.device)
+    print(f"model {loaded.name} ({config.model_type}, {params / 1e6:.1f}M params, {loaded.dtype}, {where})")
     print(f"source {loaded.source}")
     print(describe_memory(config, loaded.dtype, cap, policy))
     return 0

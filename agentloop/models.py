@@ -152,10 +152,31 @@ def _random_model(spec: str, dtype: torch.dtype, device: str) -> LoadedModel:
     model_type, sizes = RANDOM_SHAPES[shape]
     config = AutoConfig.for_model(model_type, **sizes)
     tokenizer = AutoTokenizer.from_pretrained(_converted_alias(DEFAULT_MODEL), local_files_only=True)
-    torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device("meta"):  # shapes first: refuse a model this machine cannot hold before drawing its weights
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if device != "meta":
+        need = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+        free = _available_bytes(device)
+        if free is not None and need > free:
+            name = str(dtype).removeprefix("torch.")
+            raise AgentloopError(f"{spec} needs {need / 2**30:.1f} GiB of weights in {name} but {device} has "
+                                 f"{free / 2**30:.1f} GiB available: use a smaller shape or a 16-bit --dtype")
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=spec, source=f"random weights, {shape} shapes")
+
+
+def _available_bytes(device: str) -> int | None:
+    """Memory a new allocation can take on `device` (CPU: MemAvailable), None where it cannot be read."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -70,6 +70,24 @@ def test_info_reports_bytes_per_token(smollm2):
     assert "46,080 B/token" in result.stdout and "cache 90.7 MiB (2,048 slots)" in result.stdout
 
 
+def test_info_describes_a_shape_only_model_without_drawing_its_weights():
+    # 8B parameters in fp32 are 30 GiB, more than this machine has: info must not materialize them
+    result = agentloop("info", "random:llama-3.1-8b", "--mem-cap", "256tok", "--policy", "am")
+    assert result.returncode == 0, result.stderr
+    assert "8030.3M params" in result.stdout and "shapes only" in result.stdout
+    # 32 layers x 8 KV heads x 128 dims x 2 x 4 bytes
+    assert "262,144 B/token" in result.stdout and "cache 64.2 MiB (256 slots)" in result.stdout
+
+
+def test_a_shape_only_model_larger_than_the_memory_left_is_refused_before_its_weights_are_drawn(monkeypatch):
+    from agentloop import models
+
+    monkeypatch.setattr(models, "_available_bytes", lambda device: 1 << 30)
+    with pytest.raises(AgentloopError, match=r"random:qwen3-4b needs 15\.0 GiB of weights in float32 but cpu has "
+                                             r"1\.0 GiB available: use a smaller shape or a 16-bit --dtype"):
+        models.load_model("random:qwen3-4b", device="cpu")
+
+
 # ---- agent tasks (a task with `tools`)
 
 AGENT = """

@@ -117,7 +117,9 @@ def test_a_large_model_under_a_small_token_cap_keeps_its_reserve_within_the_slac
     config = AutoConfig.for_model(model_type, **sizes)
     for dtype in (torch.float32, torch.bfloat16):
         budget = plan(config, dtype, parse_mem_cap("256tok"), make_policy("am"))
-        assert budget.reserve_bytes <= 64 << 20, (dtype, budget.describe())
+        # within the 56 MiB small-cache reserve: the 8 MiB left of the slack are the runtime's own (a run of the
+        # memory eval peaked 3.7 MiB above its budget)
+        assert budget.reserve_bytes <= 56 << 20, (dtype, budget.describe())
         assert budget.probe_slots >= 16 and budget.prefill_chunk >= 16
         assert budget.query_rows >= 1.25 * 128
 
