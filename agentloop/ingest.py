@@ -14,12 +14,12 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-from agentloop.compaction.span import TASK_SHARE, compact_span
+from agentloop.compaction.span import TASK_PIN, TASK_SHARE, compact_span
 from agentloop.task import IngestSpec
 
 
 def compact_result(session, result_ids: list[int], spec: IngestSpec, task_ids: list[int] = (),
-                   seed: int = 0, task_share: float = TASK_SHARE) -> dict[str, Any]:
+                   seed: int = 0, task_share: float = TASK_SHARE, task_pin: int = TASK_PIN) -> dict[str, Any]:
     """Compact the newest len(result_ids) slots of `session`, which hold `result_ids` verbatim.
 
     Returns the fields of an IngestEvent: span, slots and bytes before/after, seconds, fit errors."""
@@ -29,7 +29,8 @@ def compact_result(session, result_ids: list[int], spec: IngestSpec, task_ids: l
     middle = result_ids[spec.keep_first:len(result_ids) - spec.keep_last]
     kept = max(1, round(len(middle) * spec.ratio))
     stats = compact_span(session, lo, hi, kept, method=spec.method, context_ids=middle, task_ids=list(task_ids),
-                         max_queries=spec.max_queries, seed=seed, chunk=spec.chunk_tokens, task_share=task_share)
+                         max_queries=spec.max_queries, seed=seed, chunk=spec.chunk_tokens, task_share=task_share,
+                         task_pin=task_pin)
     summary = stats.summary()
     return {"span": [lo, hi], "slots_before": end - start, "slots_after": end - start - (hi - lo) + stats.kept,
             "bytes_before": stats.bytes_before, "bytes_after": stats.bytes_after,
@@ -38,7 +39,7 @@ def compact_result(session, result_ids: list[int], spec: IngestSpec, task_ids: l
 
 
 def ingest_result(session, ids: list[int], spec: IngestSpec, task_ids: list[int] = (),
-                  seed: int = 0, task_share: float = TASK_SHARE) -> Iterator[Any]:
+                  seed: int = 0, task_share: float = TASK_SHARE, task_pin: int = TASK_PIN) -> Iterator[Any]:
     """Prefill a tool result's `ids` into `session` and compact it on ingestion if it is longer than the trigger.
 
     The result goes in pieces of at most `piece_tokens` (near-equal), each also no longer than the room left
@@ -74,4 +75,4 @@ def ingest_result(session, ids: list[int], spec: IngestSpec, task_ids: list[int]
                 "was prefilled)" if verbatim < len(piece) else f"the piece is too short ({len(piece)} tokens)")}
             continue
         yield {**about, **compact_result(session, piece[len(piece) - verbatim:], spec.model_copy(update=edges),
-                                         task_ids, seed + piece_no, task_share)}
+                                         task_ids, seed + piece_no, task_share, task_pin)}

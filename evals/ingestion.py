@@ -112,7 +112,7 @@ CONDITIONS = {  # name: (compaction method, reads the pending task), "truncate" 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agentloop.compaction.span import TASK_SHARE
+    from agentloop.compaction.span import TASK_PIN, TASK_SHARE
     from agentloop.evals import EvalParser, add_output_options, add_query_option, count, earlier_records, whole
 
     parser = EvalParser(prog="agentloop eval ingestion", description=__doc__,
@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                              "--task-first also am-task)")
     parser.add_argument("--task-share", type=float, default=TASK_SHARE,
                         help=f"share of the fitting rows held by the task's queries (default {TASK_SHARE})")
+    parser.add_argument("--task-pin", type=whole, default=TASK_PIN,
+                        help="slots per head that the task's queries attend to most, kept with their original values "
+                             f"(the rest fitted around them; default {TASK_PIN})")
     parser.add_argument("--answer-tokens", type=count, default=8)
     parser.add_argument("--seed", type=whole, default=0)
     parser.add_argument("--resume", action="store_true", help="keep the trials already in the results file "
@@ -165,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     short, long = f"{args.min_tokens}-{args.max_tokens} tok", f"{args.long_tokens} tok"
     plan = [(short, args.ratios)] * args.trials + [(long, args.long_ratios)] * args.long_trials
     same = ("model", "source", "min_tokens", "max_tokens", "long_tokens", "keep", "piece_tokens", "chunk_tokens",
-            "max_queries", "task_first", "task_share", "answer_tokens", "seed", "conditions")
+            "max_queries", "task_first", "task_share", "task_pin", "answer_tokens", "seed", "conditions")
     per_trial = {group: 1 + len(ratios) * len(args.conditions) for group, ratios in plan}
-    records = earlier_records(args, same, lambda r: r["trial"], lambda r: per_trial[r["group"]]) if args.resume else []
+    records = earlier_records(args, same, lambda r: r["trial"], lambda r: per_trial[r["group"]],
+                              older={"task_pin": 0}) if args.resume else []
     done = {r["trial"] for r in records}
     for trial, (group, ratios) in enumerate(plan):
         tic = time.perf_counter()
@@ -197,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                 session = base.fork()
                 clock = time.perf_counter()
                 pieces = [item for item in ingest_result(session, result, spec, pending if reads_task else [],
-                                                         seed=args.seed + trial, task_share=args.task_share)
+                                                         seed=args.seed + trial, task_share=args.task_share,
+                                                         task_pin=args.task_pin)
                           if isinstance(item, dict)]
                 ingest_s = time.perf_counter() - clock
                 slots = sum(p["slots_after"] for p in pieces)
@@ -258,10 +263,11 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
     first = getattr(args, "task_first", False)
     asked = ("The user asks the question before the file is read and again after it. " if first else
              "The user asks the question only after the file is read. ")
-    share = getattr(args, "task_share", None)
+    share, pin = getattr(args, "task_share", None), getattr(args, "task_pin", 0)
     named = {"am": "the re-read of the piece (`am-hak-fast`)", "am-ss": "the re-read and self-study (`am-hak`)",
              "am-task": f"the re-read and the pending request with the model's draft reply ({share:.0%} of the rows; "
-                        "memory.ingest.task_queries)" if share else "",
+                        "memory.ingest.task_queries)" + (f", the {pin} slots per head they attend to most kept with "
+                                                         "their original values" if pin else "") if share else "",
              "am-task-ss": "self-study, the re-read and the pending request"}
     present_names = [c for c in CONDITIONS if any(r["condition"] == c for r in records)]
     asked += "Fitting queries: " + "; ".join(f"`{c}` {named[c]}" for c in present_names) + ". "

@@ -86,6 +86,27 @@ def test_task_queries_fit_the_span_to_a_known_follow_up(tiny_llama):
     assert errors[True] < 0.9 * errors[False]
 
 
+def test_task_pin_keeps_the_slots_the_task_looks_at_with_their_original_keys_and_values(tiny_llama):
+    # with task_pin=4 every head of the compacted span holds at least 4 slots whose key and value are rows of the
+    # original span, unchanged; without it the fitted values match no original row
+    question = _prompt(12, seed=7)
+    originals = _session(tiny_llama, 64)
+    counts = {}
+    for pin in (0, 4):
+        session = _session(tiny_llama, 64)
+        compact_span(session, 0, 64, 0.25, method="am-hak-fast", task_ids=question, task_pin=pin)
+        counts[pin] = []
+        for layer in session.cache.compactable:
+            for head in range(session.cache.kv_heads):
+                keys, values = session.cache.layers[layer].keys[0, head, :16], session.cache.layers[layer].values[0, head, :16]
+                before_k = originals.cache.layers[layer].keys[0, head, :64]
+                before_v = originals.cache.layers[layer].values[0, head, :64]
+                same_key = (keys[:, None] == before_k[None]).all(-1)  # [16, 64]
+                same_value = (values[:, None] == before_v[None]).all(-1)
+                counts[pin].append(int((same_key & same_value).any(1).sum()))
+    assert min(counts[4]) >= 4 and max(counts[0]) == 0, counts
+
+
 def test_with_share_repeats_the_extra_rows_to_their_share():
     from agentloop.compaction.queries import with_share
 

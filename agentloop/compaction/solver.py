@@ -19,6 +19,12 @@ heads whose factorization fails or whose system is too ill-conditioned for float
 tolerates duplicate keys). The per-stage functions process all
 heads they are given at once; `compact` and `evaluate` split the heads into memory-bounded chunks.
 
+Protected keys (`protect` [H, T] bool, e.g. where a known task looks): attention-ranked selection keeps them
+whatever their score (OMP only keeps their values if it picks them), with their original values V[idx]; the
+other values are fitted around them (the least squares with those unknowns fixed) and β is fitted as usual. The
+fit matches the outputs a little less well on average, but a token the task will copy from (a number, a name) is
+not blended with its evicted neighbours.
+
 Deviation from the paper's recipe (on by default, `active_set_iters=0` turns it off): after lstsq + clamp,
 full β fits run an active-set method to the exact bounded-LS optimum. Clamping an unconstrained solution
 with large negative entries can leave a mass fit far worse than w = 0 on collinear keys.
@@ -286,8 +292,10 @@ def _to_beta(w: Tensor, slot_unbiasing: Tensor) -> Tensor:
 
 
 def _fit_values(Q: Tensor, keys: Tensor, beta: Tensor, scale: float, target: Tensor, ridge: float,
-                row_weight: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Cv = argmin Σ_q row_weight_q ||X_q Cv − target_q||² + ridge·||Cv||², X = softmax(scale·Q keysᵀ + β).
+                row_weight: Tensor | None = None, pin: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """Cv = argmin Σ_q row_weight_q ||X_q Cv − target_q||² + ridge·||Cv||², X = softmax(scale·Q keysᵀ + β);
+    `pin` (mask [H, t], original values [H, t, dv]): those slots' values are fixed to the originals.
     Returns (Cv [H, t, dv], X [H, n, t], log-sum-exp of the compact logits [H, n]): X and the lse give the compact
     block's attention on the fitting queries without computing it again."""
     X = attention_logits(Q, keys, scale, beta)  # [H, n, t]
@@ -296,7 +304,28 @@ def _fit_values(Q: Tensor, keys: Tensor, beta: Tensor, scale: float, target: Ten
     weighted, target = (X * row_weight.sqrt()[..., None], target * row_weight.sqrt()[..., None]) if row_weight is not None \
         else (X, target)
     gram, rhs = _normal_equations(weighted, target)
+    if pin is not None:
+        gram, rhs = _pinned_system(gram, rhs, *pin)
     return _solve_spd(gram, rhs, ridge), X, lse
+
+
+def _pinned_system(gram: Tensor, rhs: Tensor, pinned: Tensor, original: Tensor, scale: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """The normal equations (gram [H, t, t], rhs [H, t, dv]) with the pinned slots' unknowns fixed to `original`
+    (0 elsewhere): their columns move to the right-hand side, their rows become c·x_j = c·original_j (c: the mean
+    diagonal, so the system keeps its scale). With `scale` (w [H, t]) the unknowns are u = w·v (the one-Gram fit's
+    system G u = Rᵀ(…)), fixed to w·original."""
+    fixed = original if scale is None else original * scale[..., None]  # [H, t, dv], 0 on free slots
+    free = (~pinned).to(gram.dtype)  # [H, t]
+    diag = gram.diagonal(dim1=1, dim2=2)
+    c = diag.sum(1, keepdim=True) / (diag > 0).sum(1, keepdim=True).clamp_min(1)  # [H, 1]
+    system = gram * free[:, :, None] * free[:, None, :] + torch.diag_embed(c * pinned)
+    return system, free[..., None] * (rhs - gram @ fixed) + (c * pinned)[..., None] * fixed
+
+
+def _with_pinned(values: Tensor, pin: tuple[Tensor, Tensor] | None) -> Tensor:
+    """The pinned slots' original values, bit for bit (the solve gives them up to round-off)."""
+    return values if pin is None else torch.where(pin[0][..., None], pin[1], values)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -546,7 +575,7 @@ def _errors(out: Tensor, lse: Tensor, ref_out: Tensor, ref_lse: Tensor) -> tuple
 
 def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, scale: float, bias: Tensor | None,
                    method: Method, fixed_idx: Tensor | None, span: tuple[Tensor, Tensor] | None,
-                   seconds: dict[str, float]) -> tuple[Tensor, ...]:
+                   seconds: dict[str, float], protect: Tensor | None = None) -> tuple[Tensor, ...]:
     clock = time.perf_counter()
 
     def lap(stage: str) -> None:
@@ -566,6 +595,8 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, sca
     lap("reference")
 
     real = _real_slots(budgets, t)  # [h, t]
+    if protect is not None and ranks:  # protected keys are selected first
+        scores = scores.masked_fill(protect, math.inf)
     weights = None
     if method.selector == "omp":
         E = attention_logits(Q, K, scale, bias).sub_(shift[..., None]).exp_()  # [h, n, T]
@@ -577,13 +608,17 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, sca
         idx = ranked.gather(1, _real_first(ranked, real))  # each head keeps its first budgets[h] ranked keys
     keys = _rows(K, idx).masked_fill(~real[..., None], 0.0)
     slot_unbiasing = unbiasing.gather(1, idx) * real  # [h, t], 0 on padding slots
+    pin = None
+    if method.fit and protect is not None:
+        pinned = protect.gather(1, idx) & real  # [h, t]
+        pin = (pinned, _rows(V, idx).masked_fill(~pinned[..., None], 0.0)) if pinned.any() else None
     lap("selection")
 
     one_gram = method.one_gram if method.one_gram is not None else t * t >= K.shape[1] * K.shape[2]
     if method.fit and method.selector != "omp" and one_gram and span is None and not method.ridge:
         design = _bare_design(Q, K, idx, scale, shift, slot_unbiasing > 0)
-        beta, values, compact_out = _fit_one_gram(design, mass, slot_unbiasing, ref_out, rowmax, method, lap)
-        values = values.masked_fill(~real[..., None], 0.0)
+        beta, values, compact_out = _fit_one_gram(design, mass, slot_unbiasing, ref_out, rowmax, method, lap, pin)
+        values = _with_pinned(values.masked_fill(~real[..., None], 0.0), pin)
         output_error, mass_error = _errors(*compact_out, ref_out, ref_lse)
         lap("stats")
         return keys, beta, values, idx, output_error, mass_error
@@ -600,8 +635,8 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, sca
 
     # fitted values of padding slots solve to 0 (their softmax column is 0); evicted ones are zeroed here
     if method.fit:
-        values, X, lse = _fit_values(Q, keys, beta, scale, ref_out, method.ridge, share)
-        values = values.masked_fill(~real[..., None], 0.0)
+        values, X, lse = _fit_values(Q, keys, beta, scale, ref_out, method.ridge, share, pin)
+        values = _with_pinned(values.masked_fill(~real[..., None], 0.0), pin)
         lap("values")
         compact_out = torch.bmm(X, values), lse
     else:
@@ -614,7 +649,8 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, sca
 
 
 def _fit_one_gram(design: Tensor, mass: Tensor, slot_unbiasing: Tensor, ref_out: Tensor, rowmax: Tensor,
-                  method: Method, lap) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+                  method: Method, lap, pin: tuple[Tensor, Tensor] | None = None
+                  ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
     """β and values from one Gram matrix G = Rᵀ R of the relative design R = design / mass (design: the kept bare
     keys' columns of E, see _bare_design; it is overwritten).
 
@@ -622,7 +658,8 @@ def _fit_one_gram(design: Tensor, mass: Tensor, slot_unbiasing: Tensor, ref_out:
     proportion to its mass). Values: the least squares of the outputs with each query weighted by (D_q / mass_q)²,
     D_q = Σ_j M_qj w_j its compact mass (≈ 1 once β fits). Then the value system is W G W, W = diag(w) > 0, with
     right-hand side W Rᵀ (D/mass ⊙ Y), so the values are W⁻¹ G⁻¹ Rᵀ (D/mass ⊙ Y): the second t×t Gram, the dominant
-    cost at low ratios, is never formed, and G's factorization from the β fit is used again.
+    cost at low ratios, is never formed, and G's factorization from the β fit is used again (with pinned slots, G
+    plus their ridge is factored once more).
     Returns (β [h, t], values [h, t, dv], the compact block's (outputs, lse) on the fitting queries)."""
     R = design.div_(mass[..., None])  # [h, n, t]
     gram = _gram(R)  # [h, t, t]
@@ -632,7 +669,11 @@ def _fit_one_gram(design: Tensor, mass: Tensor, slot_unbiasing: Tensor, ref_out:
     beta = _to_beta(w, slot_unbiasing)
     lap("beta")
     ratio = (R @ w[..., None])[..., 0].clamp_min(torch.finfo(R.dtype).tiny)  # D / mass: [h, n]
-    values = _factor_solve(factor, R.mT @ (ref_out * ratio[..., None])).to(R.dtype) / w[..., None]  # [h, t, dv]
+    rhs = R.mT @ (ref_out * ratio[..., None])  # [h, t, dv]
+    if pin is None:
+        values = _factor_solve(factor, rhs).to(R.dtype) / w[..., None]
+    else:
+        values = _solve_spd(*_pinned_system(gram, rhs, *pin, scale=w)).to(R.dtype) / w[..., None]
     lap("values")
     out = torch.bmm(R.mul_(w[:, None, :]), values) / ratio[..., None]  # softmax over the compact block, times values
     return beta, values, (out, rowmax + (ratio * mass).log())
@@ -647,13 +688,14 @@ def _ranked_keys(scores: Tensor, t: int, method: Method) -> Tensor:
 
 def compact(Q: Tensor, K: Tensor, V: Tensor, t: int, scale: float, bias: Tensor | None = None,
             method: str = "hak", seed: int = 0, chunk_bytes: int | None = None, budgets: Tensor | None = None,
-            span: tuple[Tensor, Tensor] | None = None, **knobs) -> CompactResult:
+            span: tuple[Tensor, Tensor] | None = None, protect: Tensor | None = None, **knobs) -> CompactResult:
     """Compact K, V ([H, T, d], [H, T, dv]) to t slots per head with a named method (see METHODS);
     `knobs` override the method's fields. Works in float32; heads are solved in memory-bounded chunks.
     `budgets` [H] (integers in [1, t]) gives head h only budgets[h] real slots, the rest of its t slots padding:
     a head's block equals that of compacting it alone to its budget, padded (see the module docstring).
     `span` (row max, log-sum-exp [H, n], see `row_max_lse`) says K, V are one part of a longer span: the fits
-    then weigh each query by this part's share of its attention to the whole span."""
+    then weigh each query by this part's share of its attention to the whole span. `protect` [H, T] bool: keys kept
+    with their original values (see the module docstring)."""
     H, T, _ = K.shape
     if not 0 < t <= T:
         raise ValueError(f"t must be in [1, {T}], got {t}")
@@ -673,7 +715,8 @@ def compact(Q: Tensor, K: Tensor, V: Tensor, t: int, scale: float, bias: Tensor 
         parts.append(_compact_chunk(Q[heads], K[heads], V[heads], budgets[heads], t, scale,
                                     bias[heads] if bias is not None else None, config,
                                     fixed_idx[heads] if fixed_idx is not None else None,
-                                    (span[0][heads], span[1][heads]) if span is not None else None, seconds))
+                                    (span[0][heads], span[1][heads]) if span is not None else None, seconds,
+                                    protect[heads].to(K.device) if protect is not None else None))
     keys, beta, values, idx, output_error, mass_error = (torch.cat(tensors) for tensors in zip(*parts, strict=True))
     return CompactResult(keys, beta, values, idx, output_error, mass_error, seconds)
 

@@ -23,6 +23,8 @@ QUERIES_PER_SLOT = 2  # the query mix is topped up to at least this many rows pe
 MAX_QUERIES = 16384  # default reference queries per KV head of a one-shot compaction (a random subsample above)
 TASK_SHARE = 0.25  # share of the fitting rows given to the queries of a known follow-up text (task_ids)
 TASK_DRAFT = 16  # tokens the model drafts (greedily) after that text on the uncompacted cache; their queries join it
+TASK_PIN = 0  # tokens of the span around where the task's queries look, kept verbatim in every head
+TASK_WINDOW = 4  # ... each chosen with the tokens up to this far on either side (a number is read digit by digit)
 SS_PLUS_REPEAT: QuerySources = (("repeat", 1.0), ("selfstudy", 4.0))  # the paper's mix: repeat is 1 of 5 specs
 
 
@@ -129,7 +131,7 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                  context_ids: list[int] | None = None,
                  max_queries: int | None = MAX_QUERIES, seed: int = 0, chunk: int | None = None,
                  memo: dict[str, dict] | None = None, budgets: torch.Tensor | None = None,
-                 task_ids: list[int] | None = None, task_share: float = TASK_SHARE,
+                 task_ids: list[int] | None = None, task_share: float = TASK_SHARE, task_pin: int = TASK_PIN,
                  scratch_bytes: int | None = None, fallback: str | None = None, **knobs) -> SpanStats:
     """Replace physical slots [start, end) of every compactable layer by a compacted block, in place.
 
@@ -140,7 +142,9 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     `task_ids` is a text known to follow the span (a question about it, the pending task): its queries and those
     of the model's greedy draft answer (up to TASK_DRAFT tokens, to the end of its turn), read on the live cache
     before it is compacted, are added to the method's queries as `task_share` of the rows, so that what it will
-    ask of the span weighs in selection and fits (query-free methods ignore it).
+    ask of the span weighs in selection and fits (query-free methods ignore it); with `task_pin`, that many tokens
+    of the span where those queries look (see `task_positions`) are kept in every head with their original keys and
+    values (solver `protect`; at most half of the kept slots).
     `budgets` [layers, kv_heads] (slots per compactable head, see compaction.budgets.head_budgets) replaces the
     uniform `target`: each layer then holds the span at its largest head budget, and its other heads are
     padded with slots of key 0, value 0 and β = −inf (no attention, but they count toward the bytes).
@@ -164,6 +168,7 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
 
     tic = time.perf_counter()
     sources = named.queries if sources is None else sources
+    protect = None  # [span_len] bool: tokens kept verbatim in every head
     try:
         if queries is not None:
             queries = QueryMix.of(queries)
@@ -175,6 +180,8 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                 if "task" not in memo:
                     memo["task"] = session.probe(list(task_ids), generate=TASK_DRAFT, temperature=0.0)
                 queries = queries.with_share(memo["task"], task_share)
+                if task_pin and named.solver in ("hak", "omp", "omp-fast"):
+                    protect = task_positions(session, memo["task"], start, end, min(task_pin, int(slots.min()) // 2))
     except (RuntimeError, torch.OutOfMemoryError) as exc:  # a probe that failed: nothing of the cache changed
         fallback, queries = f"reading the queries failed ({_first_line(exc)})", None
     seconds = {"queries": time.perf_counter() - tic}
@@ -202,7 +209,7 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
             if fallback is not None:
                 raise _Evict
             result = _compact_heads(session, rows_, start, end, bounds, part_slots, queries, named, scale, seed,
-                                    knobs, scratch)
+                                    knobs, scratch, protect)
             _write_heads(cache, layers, heads, rows_, start, layer_slots, result)
             errors.append(result[3:5])
             all_seconds.append(result[5])
@@ -240,6 +247,29 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                      mass_error=mass_error.view(len(layers), heads), bytes_before=bytes_before,
                      bytes_after=cache.held_bytes(), layers=list(layers), layer_slots=layer_slots,
                      padding_fraction=1 - int(real_slots.sum()) / total_slots, fallback=fallback, evicted_heads=evicted)
+
+
+def task_positions(session, task: dict[int, torch.Tensor], start: int, end: int, count: int,
+                   window: int = TASK_WINDOW) -> torch.Tensor:
+    """The `count` tokens of slots [start, end) where a task's queries look, as a mask [end - start] bool.
+
+    A token's score is its highest attention probability from any of the task's query rows (softmax over the span),
+    summed over the compactable layers and KV heads, then the highest score within `window` tokens on either side
+    (so that the tokens around a looked-at one come with it: a number the answer copies, read digit by digit)."""
+    cache = session.cache
+    scale = session.model.model.layers[cache.compactable[0]].self_attn.scaling
+    score = torch.zeros(end - start)
+    for layer in cache.compactable:
+        keys, beta = cache.layers[layer].keys[0, :, start:end], cache.beta(layer)
+        for head in range(cache.kv_heads):  # [m, T] at a time
+            logits = task[layer][head].to(keys.device).float() @ keys[head].float().mT * scale
+            if beta is not None:
+                logits += beta[0, head, start:end].float()
+            score += logits.softmax(-1).amax(0).cpu()
+    pooled = torch.nn.functional.max_pool1d(score[None, None], 2 * window + 1, stride=1, padding=window)[0, 0]
+    mask = torch.zeros(end - start, dtype=torch.bool)
+    mask[pooled.topk(min(count, end - start)).indices] = True
+    return mask
 
 
 class _Evict(Exception):
@@ -285,7 +315,8 @@ def _stacked(cache, layers: list[int], heads: int, rows_: range, start: int, end
     return K, V, torch.stack([b.float() if b is not None else K.new_zeros(end - start) for b in beta])
 
 
-def _compact_heads(session, rows_, start, end, bounds, part_slots, queries, named, scale, seed, knobs, scratch):
+def _compact_heads(session, rows_, start, end, bounds, part_slots, queries, named, scale, seed, knobs, scratch,
+                   protect=None):
     """Compact the stacked heads `rows_`: (keys, values, β [h, t_all, ...] with each head's real slots first, output
     error, mass error [h], stage seconds)."""
     cache, layers, heads = session.cache, session.cache.compactable, session.cache.kv_heads
@@ -306,7 +337,8 @@ def _compact_heads(session, rows_, start, end, bounds, part_slots, queries, name
         budget = per_part[index]
         t = int(budget.max())
         parts.append(compact(Q, K[:, lo:hi], V[:, lo:hi], t, scale, bias=beta[:, lo:hi] if beta is not None else None,
-                             method=named.solver, seed=seed, budgets=budget, span=whole, chunk_bytes=chunk_bytes, **knobs))
+                             method=named.solver, seed=seed, budgets=budget, span=whole, chunk_bytes=chunk_bytes,
+                             protect=protect[lo:hi].expand(len(rows_), -1) if protect is not None else None, **knobs))
         real.append(torch.arange(t) < budget[:, None])  # [h, t]
     del K, V, beta, Q
     # each head's real slots first (part by part), its padding last: [h, t_all, ...]
