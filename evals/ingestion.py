@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task-share", type=float, default=TASK_SHARE,
                         help=f"share of the fitting rows held by the task's queries (default {TASK_SHARE})")
     parser.add_argument("--task-pin", type=whole, default=TASK_PIN,
-                        help="slots per head that the task's queries attend to most, kept with their original values "
-                             f"(the rest fitted around them; default {TASK_PIN})")
+                        help="tokens of each piece where the task's queries look (with their neighbours) kept in "
+                             f"every head with their original keys and values (default {TASK_PIN})")
     parser.add_argument("--answer-tokens", type=count, default=8)
     parser.add_argument("--seed", type=whole, default=0)
     parser.add_argument("--resume", action="store_true", help="keep the trials already in the results file "
@@ -266,8 +266,9 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
     share, pin = getattr(args, "task_share", None), getattr(args, "task_pin", 0)
     named = {"am": "the re-read of the piece (`am-hak-fast`)", "am-ss": "the re-read and self-study (`am-hak`)",
              "am-task": f"the re-read and the pending request with the model's draft reply ({share:.0%} of the rows; "
-                        "memory.ingest.task_queries)" + (f", the {pin} slots per head they attend to most kept with "
-                                                         "their original values" if pin else "") if share else "",
+                        "memory.ingest.task_queries)" + (f"; the {pin} tokens where they look, with up to 2 before "
+                                                         "and 8 after each, kept in every head with their original keys "
+                                                         "and values" if pin else "") if share else "",
              "am-task-ss": "self-study, the re-read and the pending request"}
     present_names = [c for c in CONDITIONS if any(r["condition"] == c for r in records)]
     asked += "Fitting queries: " + "; ".join(f"`{c}` {named[c]}" for c in present_names) + ". "

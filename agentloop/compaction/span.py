@@ -24,7 +24,8 @@ MAX_QUERIES = 16384  # default reference queries per KV head of a one-shot compa
 TASK_SHARE = 0.25  # share of the fitting rows given to the queries of a known follow-up text (task_ids)
 TASK_DRAFT = 16  # tokens the model drafts (greedily) after that text on the uncompacted cache; their queries join it
 TASK_PIN = 0  # tokens of the span around where the task's queries look, kept verbatim in every head
-TASK_WINDOW = 4  # ... each chosen with the tokens up to this far on either side (a number is read digit by digit)
+TASK_WINDOW = (2, 8)  # ... each with the tokens up to this far before and after it: an answer follows its cue
+# ("the pass key is" -> the digits, read one token at a time), so the window reaches further forward
 SS_PLUS_REPEAT: QuerySources = (("repeat", 1.0), ("selfstudy", 4.0))  # the paper's mix: repeat is 1 of 5 specs
 
 
@@ -250,12 +251,13 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
 
 
 def task_positions(session, task: dict[int, torch.Tensor], start: int, end: int, count: int,
-                   window: int = TASK_WINDOW) -> torch.Tensor:
+                   window: tuple[int, int] = TASK_WINDOW) -> torch.Tensor:
     """The `count` tokens of slots [start, end) where a task's queries look, as a mask [end - start] bool.
 
     A token's score is its highest attention probability from any of the task's query rows (softmax over the span),
-    summed over the compactable layers and KV heads, then the highest score within `window` tokens on either side
-    (so that the tokens around a looked-at one come with it: a number the answer copies, read digit by digit)."""
+    summed over the compactable layers and KV heads, then the highest score from `window[0]` tokens after to
+    `window[1]` tokens before it (so that the tokens around a looked-at one, mostly those after it, come with it: a
+    number the answer copies, read digit by digit)."""
     cache = session.cache
     scale = session.model.model.layers[cache.compactable[0]].self_attn.scaling
     score = torch.zeros(end - start)
@@ -266,7 +268,9 @@ def task_positions(session, task: dict[int, torch.Tensor], start: int, end: int,
             if beta is not None:
                 logits += beta[0, head, start:end].float()
             score += logits.softmax(-1).amax(0).cpu()
-    pooled = torch.nn.functional.max_pool1d(score[None, None], 2 * window + 1, stride=1, padding=window)[0, 0]
+    before, after = window
+    padded = torch.nn.functional.pad(score, (after, before), value=-1.0)  # token i sees scores i - after .. i + before
+    pooled = padded.unfold(0, before + after + 1, 1).amax(-1)  # [end - start]
     mask = torch.zeros(end - start, dtype=torch.bool)
     mask[pooled.topk(min(count, end - start)).indices] = True
     return mask
