@@ -66,8 +66,10 @@ class IngestSpec(BaseModel):
     chunk_tokens: int | None = Field(None, ge=16, description="compact each piece in chunks of about this many "
                                      "tokens: faster, but every chunk keeps the same share, which can lose a needle")
     task_queries: bool = Field(True, description="also fit the compaction to queries of the pending task text "
-                               "and of a short draft reply (a quarter of the fitting rows): keeps what the task "
-                               "will ask for (the default: it wins `agentloop eval ingestion --task-first`)")
+                               "and of a short draft reply (a quarter of the fitting rows), and keep the 32 tokens "
+                               "where they look (with the few after each) with their original keys and values: "
+                               "keeps what the task will ask for (the default: it wins `agentloop eval ingestion "
+                               "--task-first`)")
     max_queries: int | None = Field(MAX_QUERIES, ge=16, description="reference queries per KV head (a random "
                                     "subsample of the re-read's queries above this; null: every query)")
     exclude: list[str] = Field(default_factory=list, description="tools whose results are never compacted")

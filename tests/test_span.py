@@ -70,7 +70,8 @@ def _logits_over(session, ids):
 def test_task_queries_fit_the_span_to_a_known_follow_up(tiny_llama):
     """Compacting with the queries of the text that will follow (task_ids) reproduces the logits of that text
     and of the model's answer to it better than a question-agnostic compaction to the same size (measured here:
-    0.26 vs 0.31 relative error)."""
+    0.26 vs 0.31 relative error). Without protected tokens (task_pin=0): on this random-weight model the tokens
+    the question looks at mean nothing, and forcing 8 of the 16 kept slots to them costs fit (0.48)."""
     question = _prompt(12, seed=7)
     full = _session(tiny_llama, 64)
     answer = [e.token_id for e in _fed(tiny_llama, _prompt(64) + question).generate(
@@ -79,7 +80,8 @@ def test_task_queries_fit_the_span_to_a_known_follow_up(tiny_llama):
     errors = {}
     for aware in (False, True):
         session = _session(tiny_llama, 64)
-        stats = compact_span(session, 0, 64, 0.25, method="am-hak-fast", task_ids=question if aware else None)
+        stats = compact_span(session, 0, 64, 0.25, method="am-hak-fast", task_ids=question if aware else None,
+                             task_pin=0)
         errors[aware] = float((_logits_over(session, question + answer) - reference).norm() / reference.norm())
         if aware:  # the question's rows are repeated to about a quarter of the fitting rows
             assert stats.queries > 64 * 2 * 1.25

@@ -23,7 +23,7 @@ QUERIES_PER_SLOT = 2  # the query mix is topped up to at least this many rows pe
 MAX_QUERIES = 16384  # default reference queries per KV head of a one-shot compaction (a random subsample above)
 TASK_SHARE = 0.25  # share of the fitting rows given to the queries of a known follow-up text (task_ids)
 TASK_DRAFT = 16  # tokens the model drafts (greedily) after that text on the uncompacted cache; their queries join it
-TASK_PIN = 0  # tokens of the span around where the task's queries look, kept verbatim in every head
+TASK_PIN = 32  # tokens of the span around where the task's queries look, kept in every head with their keys/values
 TASK_WINDOW = (2, 8)  # ... each with the tokens up to this far before and after it: an answer follows its cue
 # ("the pass key is" -> the digits, read one token at a time), so the window reaches further forward
 SS_PLUS_REPEAT: QuerySources = (("repeat", 1.0), ("selfstudy", 4.0))  # the paper's mix: repeat is 1 of 5 specs
