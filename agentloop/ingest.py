@@ -4,8 +4,9 @@ Its tokens are then the newest physical slots of the cache. The first `keep_firs
 stay verbatim; the middle is compacted to `ratio` of its slots with an Attention Matching method whose
 reference queries come from a repeat-prefill of the result itself (with `task_queries`, the queries of the
 pending task read after it, and of the model's short draft reply, also hold a quarter of the fitting rows,
-so the fit weighs what the task will ask). A result longer than `piece_tokens` is prefilled and compacted
-piece by piece, so the cache never holds more than one piece of it verbatim.
+so the fit weighs what the task will ask, and the TASK_PIN tokens where those queries look are kept in every head
+with their original keys and values: a number the task will copy keeps all its digits). A result longer than
+`piece_tokens` is prefilled and compacted piece by piece, so the cache never holds more than one piece of it verbatim.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-from agentloop.compaction.span import TASK_PIN, TASK_SHARE, compact_span
+from agentloop.compaction.span import TASK_SHARE, compact_span
 from agentloop.task import IngestSpec
+
+TASK_PIN = 32  # tokens of a piece where the pending task looks, kept in every head as they are (compact_span task_pin)
 
 
 def compact_result(session, result_ids: list[int], spec: IngestSpec, task_ids: list[int] = (),

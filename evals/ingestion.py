@@ -112,8 +112,9 @@ CONDITIONS = {  # name: (compaction method, reads the pending task), "truncate" 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agentloop.compaction.span import TASK_PIN, TASK_SHARE
+    from agentloop.compaction.span import TASK_SHARE
     from agentloop.evals import EvalParser, add_output_options, add_query_option, count, earlier_records, whole
+    from agentloop.ingest import TASK_PIN
 
     parser = EvalParser(prog="agentloop eval ingestion", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -23,9 +23,8 @@ QUERIES_PER_SLOT = 2  # the query mix is topped up to at least this many rows pe
 MAX_QUERIES = 16384  # default reference queries per KV head of a one-shot compaction (a random subsample above)
 TASK_SHARE = 0.25  # share of the fitting rows given to the queries of a known follow-up text (task_ids)
 TASK_DRAFT = 16  # tokens the model drafts (greedily) after that text on the uncompacted cache; their queries join it
-TASK_PIN = 32  # tokens of the span around where the task's queries look, kept in every head with their keys/values
 TASK_WINDOW = (2, 8)  # ... each with the tokens up to this far before and after it: an answer follows its cue
-# ("the pass key is" -> the digits, read one token at a time), so the window reaches further forward
+# ("the pass key is" -> the digits, read one token at a time), so the window reaches further forward (task_pin)
 SS_PLUS_REPEAT: QuerySources = (("repeat", 1.0), ("selfstudy", 4.0))  # the paper's mix: repeat is 1 of 5 specs
 
 
@@ -132,7 +131,7 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                  context_ids: list[int] | None = None,
                  max_queries: int | None = MAX_QUERIES, seed: int = 0, chunk: int | None = None,
                  memo: dict[str, dict] | None = None, budgets: torch.Tensor | None = None,
-                 task_ids: list[int] | None = None, task_share: float = TASK_SHARE, task_pin: int = TASK_PIN,
+                 task_ids: list[int] | None = None, task_share: float = TASK_SHARE, task_pin: int = 0,
                  scratch_bytes: int | None = None, fallback: str | None = None, **knobs) -> SpanStats:
     """Replace physical slots [start, end) of every compactable layer by a compacted block, in place.
 
