@@ -659,7 +659,7 @@ def _fit_one_gram(design: Tensor, mass: Tensor, slot_unbiasing: Tensor, ref_out:
     D_q = Σ_j M_qj w_j its compact mass (≈ 1 once β fits). Then the value system is W G W, W = diag(w) > 0, with
     right-hand side W Rᵀ (D/mass ⊙ Y), so the values are W⁻¹ G⁻¹ Rᵀ (D/mass ⊙ Y): the second t×t Gram, the dominant
     cost at low ratios, is never formed, and G's factorization from the β fit is used again (with pinned slots, G
-    plus their ridge is factored once more).
+    reduced to the free ones is factored once more).
     Returns (β [h, t], values [h, t, dv], the compact block's (outputs, lse) on the fitting queries)."""
     R = design.div_(mass[..., None])  # [h, n, t]
     gram = _gram(R)  # [h, t, t]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from agentloop.compaction.queries import QueryMix, mix, repeat_queries, self_study_queries
-from agentloop.compaction.solver import CHUNK_BYTES, SINKS, STAGES, compact, default_chunk_bytes, head_bytes, row_max_lse
+from agentloop.compaction.solver import CHUNK_BYTES, METHODS, SINKS, STAGES, compact, default_chunk_bytes, head_bytes, row_max_lse
 
 QuerySources = tuple[tuple[str, float], ...]
 RECENT_WINDOW = 32  # tokens whose queries the `recent` source keeps
@@ -168,7 +168,7 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
 
     tic = time.perf_counter()
     sources = named.queries if sources is None else sources
-    protect = None  # [span_len] bool: tokens kept verbatim in every head
+    protect = None  # [span_len] bool: tokens kept in every head with their original keys and values
     try:
         if queries is not None:
             queries = QueryMix.of(queries)
@@ -180,7 +180,7 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                 if "task" not in memo:
                     memo["task"] = session.probe(list(task_ids), generate=TASK_DRAFT, temperature=0.0)
                 queries = queries.with_share(memo["task"], task_share)
-                if task_pin and named.solver in ("hak", "omp", "omp-fast"):
+                if task_pin and METHODS[named.solver].fit:
                     protect = task_positions(session, memo["task"], start, end, min(task_pin, int(slots.min()) // 2))
     except (RuntimeError, torch.OutOfMemoryError) as exc:  # a probe that failed: nothing of the cache changed
         fallback, queries = f"reading the queries failed ({_first_line(exc)})", None
