@@ -264,12 +264,15 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
     first = getattr(args, "task_first", False)
     asked = ("The user asks the question before the file is read and again after it. " if first else
              "The user asks the question only after the file is read. ")
+    from agentloop.compaction.span import TASK_WINDOW
+
     share, pin = getattr(args, "task_share", None), getattr(args, "task_pin", 0)
     named = {"am": "the re-read of the piece (`am-hak-fast`)", "am-ss": "the re-read and self-study (`am-hak`)",
              "am-task": f"the re-read and the pending request with the model's draft reply ({share:.0%} of the rows; "
-                        "memory.ingest.task_queries)" + (f"; the {pin} tokens where they look, with up to 2 before "
-                                                         "and 8 after each, kept in every head with their original keys "
-                                                         "and values" if pin else "") if share else "",
+                        "memory.ingest.task_queries)" + (f"; the {pin} tokens where they look, with up to "
+                                                         f"{TASK_WINDOW[0]} before and {TASK_WINDOW[1]} after each, kept "
+                                                         "in every head with their original keys and values"
+                                                         if pin else "") if share else "",
              "am-task-ss": "self-study, the re-read and the pending request"}
     present_names = [c for c in CONDITIONS if any(r["condition"] == c for r in records)]
     asked += "Fitting queries: " + "; ".join(f"`{c}` {named[c]}" for c in present_names) + ". "
