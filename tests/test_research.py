@@ -24,10 +24,11 @@ def test_a_fact_is_scored_by_what_it_asks_for(kind):
         assert not correct(fact["answer"].split()[1], fact)
 
 
-def test_a_question_plants_every_fact_once_and_asks_one_of_them(smollm2):
+@pytest.mark.parametrize("facts", [1, 3])
+def test_a_question_plants_every_fact_once_and_asks_one_of_them(smollm2, facts):
     from agentloop.evals.research import make_question
 
-    question = make_question(smollm2.tokenizer, random.Random(0), files=3, file_tokens=200)
+    question = make_question(smollm2.tokenizer, random.Random(0), files=3, file_tokens=200, facts_per_file=facts)
     assert list(question["files"]) == ["a.txt", "b.txt", "c.txt"]
     asked = question["asked"]
     text = question["files"][asked["file"]]
@@ -35,9 +36,9 @@ def test_a_question_plants_every_fact_once_and_asks_one_of_them(smollm2):
     assert question["task"] == f"Read a.txt, b.txt and c.txt, then answer: {asked['question']}"
     planted = [t for t in question["files"].values() for _ in range(t.count(" collection is ") + t.count(" led by ")
                                                                      + t.count(" first met on "))]
-    assert len(planted) == 9
+    assert len(planted) == 3 * facts
     assert 0 <= asked["depth"] <= 1 and asked["answer"] in text
-    again = make_question(smollm2.tokenizer, random.Random(0), files=3, file_tokens=200)
+    again = make_question(smollm2.tokenizer, random.Random(0), files=3, file_tokens=200, facts_per_file=facts)
     assert again == question  # drawn from the seed alone (resumed runs rebuild the same questions)
 
 
@@ -75,8 +76,8 @@ def test_research_report_and_resume_keep_complete_questions(tmp_path, monkeypatc
     from agentloop.evals.research import report
 
     monkeypatch.setattr("agentloop.evals.results_dir", lambda: tmp_path)
-    args = Namespace(model="m", files=2, file_tokens=100, ratio=5, cap=1024, trigger=128, conditions=["whole", "am"],
-                     answer_tokens=8, seed=0, name="run", no_write=False)
+    args = Namespace(model="m", files=2, file_tokens=100, facts_per_file=1, ratio=5, cap=1024, trigger=128,
+                     conditions=["whole", "am"], answer_tokens=8, seed=0, name="run", no_write=False)
     base = {"kind": "name", "cache_bytes": 10, "read_s": 1.0, "read_tokens": 100, "policy_actions": 0}
     records = [{**base, "question": 0, "condition": "whole", "correct": True},
                {**base, "question": 0, "condition": "am", "correct": False},
