@@ -239,6 +239,7 @@ def _compacted_slots(n_result: int, ratio: int, args) -> int:
 
 def _report(args, records: list[dict], argv: list[str] | None) -> str:
     """Accuracy and memory per condition; written to evals/results after every trial (unless --no-write)."""
+    from agentloop.compaction.span import TASK_WINDOW
     from agentloop.evals import results_dir, write_results
     from agentloop.evals.passkey import wilson
     from agentloop.memcap import format_bytes
@@ -264,8 +265,6 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
     first = getattr(args, "task_first", False)
     asked = ("The user asks the question before the file is read and again after it. " if first else
              "The user asks the question only after the file is read. ")
-    from agentloop.compaction.span import TASK_WINDOW
-
     share, pin = getattr(args, "task_share", None), getattr(args, "task_pin", 0)
     named = {"am": "the re-read of the piece (`am-hak-fast`)", "am-ss": "the re-read and self-study (`am-hak`)",
              "am-task": f"the re-read and the pending request with the model's draft reply ({share:.0%} of the rows; "

