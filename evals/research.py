@@ -16,6 +16,7 @@ greedily. Conditions at the same memory:
   am        the agent's default ingestion (memory.ingest with only `ratio` set), policy `am` at the cap
   truncate  the same slots, method `streaming` (each result's first tokens and its newest ones kept verbatim)
   snapkv    the same slots, method `snapkv` (eviction by attention from self-study question queries)
+  am-pool   `am` with method `am-hak-pool` (its key selection scores max-pooled over 7 positions, as SnapKV's)
 
 Reported per condition: accuracy with a 95% Wilson interval (by fact kind too), the cache held when the answer
 starts, and the time per token read (prefill and compaction, from the first tool call to the answer).
@@ -39,9 +40,9 @@ LAST = ("Lindqvist", "Okafor", "Castellanos", "Nakamura", "Adeyemi", "Petrov", "
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
 KINDS = ("number", "name", "date")
-CONDITIONS = ("whole", "am", "truncate", "snapkv")
+CONDITIONS = ("whole", "am", "truncate", "snapkv", "am-pool")
 ANSWER_NOW = "{question} Answer in a few words, without calling a tool."
-METHODS = {"truncate": "streaming", "snapkv": "snapkv"}  # the ingestion method of the eviction conditions
+METHODS = {"truncate": "streaming", "snapkv": "snapkv", "am-pool": "am-hak-pool"}  # ingestion method, if not the default
 
 
 def make_fact(kind: str, topic: str, rng: random.Random) -> dict:
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="KV slots of the capped conditions (default 2048: the prompt, one file verbatim and "
                              "the others compacted fit; every file verbatim does not)")
     parser.add_argument("--trigger", type=count, default=512, help="memory.ingest.trigger_tokens")
-    parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
+    parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS[:4]))
     parser.add_argument("--answer-tokens", type=count, default=32)
     parser.add_argument("--seed", type=whole, default=0)
     parser.add_argument("--resume", action="store_true", help="keep the questions already in the results file "

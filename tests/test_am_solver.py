@@ -343,3 +343,19 @@ def test_protected_keys_are_selected_even_when_their_attention_is_low():
     plain = compact(Q, K, V, t=16, scale=SCALE, method="hak")
     pinned = compact(Q, K, V, t=16, scale=SCALE, method="hak", protect=protect)
     assert set(targets).isdisjoint(plain.idx[0].tolist()) and set(targets) <= set(pinned.idx[0].tolist())
+
+
+def test_pooled_selection_brings_a_strong_keys_neighbours_and_still_keeps_every_protected_key():
+    # hak-pool max-pools the selection scores over 7 positions: the 3 keys either side of the best-attended one are
+    # kept too; 8 spread-out protected keys (whose pooled neighbourhoods alone would cover 56 of the 60 keys) are
+    # all kept among the 16, because protection is applied after pooling
+    Q, K, V = gaussian(H=1, n=200, T=60, seed=7, query_scale=0.5)
+    scores = (SCALE * Q @ K.mT).softmax(-1).square().mean(1).sqrt()[0]
+    best = int(scores[3:57].argmax()) + 3
+    pooled = compact(Q, K, V, t=16, scale=SCALE, method="hak-pool")
+    assert set(range(best - 3, best + 4)) <= set(pooled.idx[0].tolist())
+    targets = list(range(3, 60, 8))[:8]
+    protect = torch.zeros(1, 60, dtype=torch.bool)
+    protect[0, targets] = True
+    pinned = compact(Q, K, V, t=16, scale=SCALE, method="hak-pool", protect=protect)
+    assert set(targets) <= set(pinned.idx[0].tolist())

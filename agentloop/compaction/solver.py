@@ -513,6 +513,7 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "hak": Method("attention", fit=True, active_set_iters=0),  # lstsq + clamp + 2 PGD steps, as the paper
+    "hak-pool": Method("attention", fit=True, active_set_iters=0, pool=7),  # ... a strong key brings its neighbours
     "omp": Method("omp", fit=True),
     "omp-fast": Method("omp", fit=True, k_choice=4, refit_every=2),
     "topk-evict": Method("attention", fit=False, score="mean"),
@@ -595,8 +596,6 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, sca
     lap("reference")
 
     real = _real_slots(budgets, t)  # [h, t]
-    if protect is not None and ranks:  # protected keys are selected first
-        scores = scores.masked_fill(protect, math.inf)
     weights = None
     if method.selector == "omp":
         E = attention_logits(Q, K, scale, bias).sub_(shift[..., None]).exp_()  # [h, n, T]
@@ -604,7 +603,7 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, sca
                                method.drop_below, method.max_rounds, method.active_set_iters)
         del E
     else:
-        ranked = _ranked_keys(scores, t, method) if ranks else fixed_idx.to(K.device)  # [h, t]
+        ranked = _ranked_keys(scores, t, method, protect) if ranks else fixed_idx.to(K.device)  # [h, t]
         idx = ranked.gather(1, _real_first(ranked, real))  # each head keeps its first budgets[h] ranked keys
     keys = _rows(K, idx).masked_fill(~real[..., None], 0.0)
     slot_unbiasing = unbiasing.gather(1, idx) * real  # [h, t], 0 on padding slots
@@ -679,10 +678,13 @@ def _fit_one_gram(design: Tensor, mass: Tensor, slot_unbiasing: Tensor, ref_out:
     return beta, values, (out, rowmax + (ratio * mass).log())
 
 
-def _ranked_keys(scores: Tensor, t: int, method: Method) -> Tensor:
-    """The t keys with the highest attention score (scores [h, T], see _reference), best first: [h, t]."""
+def _ranked_keys(scores: Tensor, t: int, method: Method, protect: Tensor | None = None) -> Tensor:
+    """The t keys with the highest attention score (scores [h, T], see _reference), best first: [h, t];
+    protected keys ([h, T] bool) first of all (after pooling, so that only they, not their neighbours, come first)."""
     if method.pool > 1:  # neighbours of a strong key count as strong: [h, 1, T] -> [h, T]
         scores = torch.nn.functional.max_pool1d(scores[:, None], method.pool, stride=1, padding=method.pool // 2)[:, 0]
+    if protect is not None:
+        scores = scores.masked_fill(protect, math.inf)
     return scores.topk(t, dim=-1).indices
 
 

@@ -38,6 +38,8 @@ class NamedMethod:
 NAMED_METHODS: dict[str, NamedMethod] = {
     "am-hak-fast": NamedMethod("hak", (("repeat", 1.0),),
                                "repeat-prefill queries, highest-attention keys, β and values fit"),
+    "am-hak-pool": NamedMethod("hak-pool", (("repeat", 1.0),),
+                               "am-hak-fast with its selection scores max-pooled over 7 positions (as SnapKV's)"),
     "am-hak": NamedMethod("hak", SS_PLUS_REPEAT, "self-study + repeat queries, highest-attention keys"),
     "am-omp-fast": NamedMethod("omp-fast", SS_PLUS_REPEAT, "self-study + repeat queries, OMP keys 4 per step"),
     "am-omp": NamedMethod("omp", SS_PLUS_REPEAT, "self-study + repeat queries, OMP keys on the mass residual"),
