@@ -108,6 +108,7 @@ CONDITIONS = {  # name: (compaction method, reads the pending task), "truncate" 
     "am-ss": ("am-hak", False),  # the re-read + self-study (the model's answers to study prompts about the piece)
     "am-task": ("am-hak-fast", True),  # the re-read + the pending request and the model's draft reply
     "am-task-ss": ("am-hak", True),  # all three
+    "am-task-pool": ("am-hak-pool", True),  # am-task with selection scores max-pooled over 7 positions
 }
 
 
@@ -266,13 +267,13 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
     asked = ("The user asks the question before the file is read and again after it. " if first else
              "The user asks the question only after the file is read. ")
     share, pin = getattr(args, "task_share", None), getattr(args, "task_pin", 0)
+    task = (f"the re-read and the pending request with the model's draft reply ({share:.0%} of the rows; "
+            "memory.ingest.task_queries)" + (f"; the {pin} tokens where they look, with up to {TASK_WINDOW[0]} before "
+                                             f"and {TASK_WINDOW[1]} after each, kept in every head with their original "
+                                             "keys and values" if pin else "") if share else "")
     named = {"am": "the re-read of the piece (`am-hak-fast`)", "am-ss": "the re-read and self-study (`am-hak`)",
-             "am-task": f"the re-read and the pending request with the model's draft reply ({share:.0%} of the rows; "
-                        "memory.ingest.task_queries)" + (f"; the {pin} tokens where they look, with up to "
-                                                         f"{TASK_WINDOW[0]} before and {TASK_WINDOW[1]} after each, kept "
-                                                         "in every head with their original keys and values"
-                                                         if pin else "") if share else "",
-             "am-task-ss": "self-study, the re-read and the pending request"}
+             "am-task": task, "am-task-ss": "self-study, the re-read and the pending request",
+             "am-task-pool": task + "; the key selection's scores max-pooled over 7 positions (`am-hak-pool`)"}
     present_names = [c for c in CONDITIONS if any(r["condition"] == c for r in records)]
     asked += "Fitting queries: " + "; ".join(f"`{c}` {named[c]}" for c in present_names) + ". "
     lines = [f"# Passkey retrieval from a long tool result compacted on ingestion ({args.model}, {args.source})", "",
@@ -317,7 +318,7 @@ def _plot(summary: dict, groups: list[str], path: Path) -> None:
         if whole:
             ax.axhline(whole["accuracy"], color=color, lw=1, ls=":", label=f"whole result ({group})")
         for condition, style in (("am", "-o"), ("am-ss", "-v"), ("am-task", "-^"), ("am-task-ss", "-D"),
-                                 ("truncate", "--s")):
+                                 ("am-task-pool", "-P"), ("truncate", "--s")):
             points = sorted((int(name.split()[1][:-1]), g[group]["accuracy"]) for name, g in summary.items()
                             if name.startswith(condition + " ") and group in g)
             if points:
