@@ -16,7 +16,9 @@ bytes). Memory held is the cache right after ingestion, before the question.
 
 With --task-first the user asks the question up front ("Read notes.txt, then answer: ...") and a further
 condition, `am-task`, ingests as the agent does with `memory.ingest.task_queries: true`: the pending request
-and the model's draft reply to it hold a quarter of the fitting rows.
+and the model's draft reply to it hold a quarter of the fitting rows. Further conditions by name (`--conditions`):
+`am-ss`, `am-task-ss` (self-study queries too), `am-task-pool` (max-pooled key selection), `snapkv` and
+`snapkv-task` (SnapKV-style eviction, without and with the pending request), see CONDITIONS.
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ CONDITIONS = {  # name: (compaction method, reads the pending task), "truncate" 
     "am-task": ("am-hak-fast", True),  # the re-read + the pending request and the model's draft reply
     "am-task-ss": ("am-hak", True),  # all three
     "am-task-pool": ("am-hak-pool", True),  # am-task with selection scores max-pooled over 7 positions
+    "snapkv": ("snapkv", False),  # eviction by attention from self-study queries (max-pooled), original values
+    "snapkv-task": ("snapkv", True),  # ... and from the pending request with the model's draft reply
 }
 
 
@@ -273,7 +277,11 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
                                              "keys and values" if pin else "") if share else "")
     named = {"am": "the re-read of the piece (`am-hak-fast`)", "am-ss": "the re-read and self-study (`am-hak`)",
              "am-task": task, "am-task-ss": "self-study, the re-read and the pending request",
-             "am-task-pool": task + "; the key selection's scores max-pooled over 7 positions (`am-hak-pool`)"}
+             "am-task-pool": task + "; the key selection's scores max-pooled over 7 positions (`am-hak-pool`)",
+             "snapkv": "eviction by attention (max-pooled over 7 positions) from self-study queries, the kept keys' "
+                       "original values (`snapkv`)",
+             "snapkv-task": f"`snapkv` with the pending request and the model's draft reply ({share:.0%} of the rows)"
+                            if share else ""}
     present_names = [c for c in CONDITIONS if any(r["condition"] == c for r in records)]
     asked += "Fitting queries: " + "; ".join(f"`{c}` {named[c]}" for c in present_names) + ". "
     lines = [f"# Passkey retrieval from a long tool result compacted on ingestion ({args.model}, {args.source})", "",
@@ -318,7 +326,8 @@ def _plot(summary: dict, groups: list[str], path: Path) -> None:
         if whole:
             ax.axhline(whole["accuracy"], color=color, lw=1, ls=":", label=f"whole result ({group})")
         for condition, style in (("am", "-o"), ("am-ss", "-v"), ("am-task", "-^"), ("am-task-ss", "-D"),
-                                 ("am-task-pool", "-P"), ("truncate", "--s")):
+                                 ("am-task-pool", "-P"), ("snapkv", "-.x"), ("snapkv-task", "-.*"),
+                                 ("truncate", "--s")):
             points = sorted((int(name.split()[1][:-1]), g[group]["accuracy"]) for name, g in summary.items()
                             if name.startswith(condition + " ") and group in g)
             if points:
