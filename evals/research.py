@@ -242,12 +242,13 @@ def report(args, records: list[dict], argv: list[str] | None) -> str:
             "policy_actions": sum(r["policy_actions"] for r in sel) / len(sel)}
     questions = len({r["question"] for r in records})
     command = ("agentloop eval research " + " ".join(argv or [])).strip()
+    methods = "".join(f"; `{c}`: method `{m}`" for c, m in METHODS.items() if c in args.conditions)
     lines = [f"# Research agent: questions about long files read with its tools ({args.model})", "",
              f"{questions} questions; each reads {args.files} files of {args.file_tokens} tokens of prose "
              f"({args.facts_per_file} planted fact(s) per file: numbers, names, dates) with the agent's "
              f"`read_file`, then answers one question about them. Capped conditions: {args.cap} KV slots, every "
              f"tool result over {args.trigger} tokens compacted {args.ratio}x on ingestion (`am`: the agent's "
-             "default ingestion; `truncate`: method `streaming`; `snapkv`: method `snapkv`). Accuracy (95% Wilson "
+             f"default ingestion{methods}). Accuracy (95% Wilson "
              "interval), by fact kind, the cache held when the answer starts, online compactions per run, and "
              "reading time per token (prefill and compaction):", "",
              "| condition | accuracy | number | name | date | cache held | online compactions | ms/token |",
