@@ -40,7 +40,8 @@ LAST = ("Lindqvist", "Okafor", "Castellanos", "Nakamura", "Adeyemi", "Petrov", "
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
 KINDS = ("number", "name", "date")
-CONDITIONS = ("whole", "am", "truncate", "snapkv", "am-pool")
+DEFAULT_CONDITIONS = ("whole", "am", "truncate", "snapkv")
+CONDITIONS = (*DEFAULT_CONDITIONS, "am-pool")  # am-pool is an experiment, run by name
 ANSWER_NOW = "{question} Answer in a few words, without calling a tool."
 METHODS = {"truncate": "streaming", "snapkv": "snapkv", "am-pool": "am-hak-pool"}  # ingestion method, if not the default
 
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="KV slots of the capped conditions (default 2048: the prompt, one file verbatim and "
                              "the others compacted fit; every file verbatim does not)")
     parser.add_argument("--trigger", type=count, default=512, help="memory.ingest.trigger_tokens")
-    parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS[:4]))
+    parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(DEFAULT_CONDITIONS))
     parser.add_argument("--answer-tokens", type=count, default=32)
     parser.add_argument("--seed", type=whole, default=0)
     parser.add_argument("--resume", action="store_true", help="keep the questions already in the results file "
