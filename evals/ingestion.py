@@ -275,13 +275,13 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
             "memory.ingest.task_queries)" + (f"; the {pin} tokens where they look, with up to {TASK_WINDOW[0]} before "
                                              f"and {TASK_WINDOW[1]} after each, kept in every head with their original "
                                              "keys and values" if pin else "") if share else "")
+    snapkv = ("eviction by attention (max-pooled over 7 positions) from self-study queries, the kept keys' original "
+              "values (`snapkv`)")
     named = {"am": "the re-read of the piece (`am-hak-fast`)", "am-ss": "the re-read and self-study (`am-hak`)",
              "am-task": task, "am-task-ss": "self-study, the re-read and the pending request",
              "am-task-pool": task + "; the key selection's scores max-pooled over 7 positions (`am-hak-pool`)",
-             "snapkv": "eviction by attention (max-pooled over 7 positions) from self-study queries, the kept keys' "
-                       "original values (`snapkv`)",
-             "snapkv-task": f"`snapkv` with the pending request and the model's draft reply ({share:.0%} of the rows)"
-                            if share else ""}
+             "snapkv": snapkv, "snapkv-task": snapkv + (f", and the pending request with the model's draft reply "
+                                                        f"({share:.0%} of the rows)" if share else "")}
     present_names = [c for c in CONDITIONS if any(r["condition"] == c for r in records)]
     asked += "Fitting queries: " + "; ".join(f"`{c}` {named[c]}" for c in present_names) + ". "
     lines = [f"# Passkey retrieval from a long tool result compacted on ingestion ({args.model}, {args.source})", "",
