@@ -17,6 +17,9 @@ greedily. Conditions at the same memory:
   truncate  the same slots, method `streaming` (each result's first tokens and its newest ones kept verbatim)
   snapkv    the same slots, method `snapkv` (eviction by attention from self-study question queries)
   am-pool   `am` with method `am-hak-pool` (its key selection scores max-pooled over 7 positions, as SnapKV's)
+  am-ss     `am` with method `am-hak` (self-study queries too: the queries snapkv scores with, values fitted)
+  snapkv-reread  the same slots, method `snapkv-reread` (snapkv's eviction scored by `am`'s re-read queries)
+  (am-ss and snapkv-reread complete the 2x2 of queries (re-read / self-study) by values (fitted / original))
 
 Reported per condition: accuracy with a 95% Wilson interval (by fact kind too), the cache held when the answer
 starts, and the time per token read (prefill and compaction, from the first tool call to the answer).
@@ -41,9 +44,10 @@ MONTHS = ("January", "February", "March", "April", "May", "June", "July", "Augus
           "November", "December")
 KINDS = ("number", "name", "date")
 DEFAULT_CONDITIONS = ("whole", "am", "truncate", "snapkv")
-CONDITIONS = (*DEFAULT_CONDITIONS, "am-pool")  # am-pool is an experiment, run by name
+CONDITIONS = (*DEFAULT_CONDITIONS, "am-pool", "am-ss", "snapkv-reread")  # experiments, run by name
 ANSWER_NOW = "{question} Answer in a few words, without calling a tool."
-METHODS = {"truncate": "streaming", "snapkv": "snapkv", "am-pool": "am-hak-pool"}  # ingestion method, if not the default
+METHODS = {"truncate": "streaming", "snapkv": "snapkv", "am-pool": "am-hak-pool", "am-ss": "am-hak",
+           "snapkv-reread": "snapkv-reread"}  # ingestion method, if not the default
 
 
 def make_fact(kind: str, topic: str, rng: random.Random) -> dict:

@@ -56,12 +56,12 @@ def test_the_plan_reads_each_file_then_lets_the_model_answer():
 
 
 def test_capped_conditions_ingest_every_file_and_hold_less_than_whole(tiny_chat):
-    from agentloop.evals.research import make_question, run_question
+    from agentloop.evals.research import CONDITIONS, make_question, run_question
 
     question = make_question(tiny_chat.tokenizer, random.Random(1), files=2, file_tokens=300)
     args = Namespace(cap=1024, ratio=5, trigger=128, answer_tokens=4)
     whole = run_question(tiny_chat, question, "whole", args)
-    capped = {c: run_question(tiny_chat, question, c, args) for c in ("am", "truncate", "snapkv")}
+    capped = {c: run_question(tiny_chat, question, c, args) for c in CONDITIONS if c != "whole"}
     assert whole["ingestions"] == 0 and whole["finish"] == "final_answer"
     for condition, result in capped.items():
         assert result["ingestions"] == 2, condition  # both files compacted by the agent's own ingestion

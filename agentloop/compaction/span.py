@@ -46,6 +46,8 @@ NAMED_METHODS: dict[str, NamedMethod] = {
     "h2o": NamedMethod("topk-evict", (("context", 1.0),), "eviction: top mean attention from the span's own queries"),
     "snapkv": NamedMethod("snapkv-evict", (("selfstudy", 1.0),),
                           "eviction: top attention (max-pooled over 7 positions) from self-study question queries"),
+    "snapkv-reread": NamedMethod("snapkv-evict", (("repeat", 1.0),),
+                                 "snapkv's eviction scored by am-hak-fast's queries (the repeat-prefill)"),
     "streaming": NamedMethod("streaming", (), "eviction: 4 sink slots and the newest slots"),
     "random": NamedMethod("random", (), "eviction: random slots (seeded)"),
 }
