@@ -107,7 +107,8 @@ def _measure(session, suffix: list[int], key: str, answer_tokens: int) -> dict:
 
 CONDITIONS = {  # name: (compaction method, reads the pending task), "truncate" is the baseline
     "am": ("am-hak-fast", False),  # queries: the re-read of the piece
-    "am-ss": ("am-hak", False),  # the re-read + self-study (the model's answers to study prompts about the piece)
+    "am-ss": ("am-hak", False),  # the re-read + self-study (the model's answers to study prompts about the piece),
+    # with --task-pin the tokens where the study questions look are kept as they are
     "am-task": ("am-hak-fast", True),  # the re-read + the pending request and the model's draft reply
     "am-task-ss": ("am-hak", True),  # all three
     "am-task-pool": ("am-hak-pool", True),  # am-task with selection scores max-pooled over 7 positions
@@ -277,7 +278,9 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
                                              "keys and values" if pin else "") if share else "")
     snapkv = ("eviction by attention (max-pooled over 7 positions) from self-study queries, the kept keys' original "
               "values (`snapkv`)")
-    named = {"am": "the re-read of the piece (`am-hak-fast`)", "am-ss": "the re-read and self-study (`am-hak`)",
+    named = {"am": "the re-read of the piece (`am-hak-fast`)", "am-ss": "the re-read and self-study (`am-hak`)" + (
+                 f", the {pin} tokens where the study questions look kept with their original keys and values"
+                 if pin else ""),
              "am-task": task, "am-task-ss": "self-study, the re-read and the pending request",
              "am-task-pool": task + "; the key selection's scores max-pooled over 7 positions (`am-hak-pool`)",
              "snapkv": snapkv, "snapkv-task": snapkv + (f", and the pending request with the model's draft reply "

@@ -88,6 +88,21 @@ def test_task_queries_fit_the_span_to_a_known_follow_up(tiny_llama):
     assert errors[True] < 0.9 * errors[False]
 
 
+def _original_slots(session, originals) -> list[int]:
+    """Per compactable head: how many of the 16 slots of the compacted span [0, 64) hold a key and a value that are
+    a row of the original span, unchanged."""
+    counts = []
+    for layer in session.cache.compactable:
+        for head in range(session.cache.kv_heads):
+            keys, values = session.cache.layers[layer].keys[0, head, :16], session.cache.layers[layer].values[0, head, :16]
+            before_k = originals.cache.layers[layer].keys[0, head, :64]
+            before_v = originals.cache.layers[layer].values[0, head, :64]
+            same_key = (keys[:, None] == before_k[None]).all(-1)  # [16, 64]
+            same_value = (values[:, None] == before_v[None]).all(-1)
+            counts.append(int((same_key & same_value).any(1).sum()))
+    return counts
+
+
 def test_task_pin_keeps_the_slots_the_task_looks_at_with_their_original_keys_and_values(tiny_llama):
     # with task_pin=4 every head of the compacted span holds at least 4 slots whose key and value are rows of the
     # original span, unchanged; without it the fitted values match no original row
@@ -97,16 +112,20 @@ def test_task_pin_keeps_the_slots_the_task_looks_at_with_their_original_keys_and
     for pin in (0, 4):
         session = _session(tiny_llama, 64)
         compact_span(session, 0, 64, 0.25, method="am-hak-fast", task_ids=question, task_pin=pin)
-        counts[pin] = []
-        for layer in session.cache.compactable:
-            for head in range(session.cache.kv_heads):
-                keys, values = session.cache.layers[layer].keys[0, head, :16], session.cache.layers[layer].values[0, head, :16]
-                before_k = originals.cache.layers[layer].keys[0, head, :64]
-                before_v = originals.cache.layers[layer].values[0, head, :64]
-                same_key = (keys[:, None] == before_k[None]).all(-1)  # [16, 64]
-                same_value = (values[:, None] == before_v[None]).all(-1)
-                counts[pin].append(int((same_key & same_value).any(1).sum()))
+        counts[pin] = _original_slots(session, originals)
     assert min(counts[4]) >= 4 and max(counts[0]) == 0, counts
+
+
+def test_without_a_task_a_self_study_method_pins_where_its_study_questions_look(tiny_chat):
+    # no task_ids: am-hak (self-study + repeat queries) keeps task_pin original slots in every head, where the
+    # study questions look; am-hak-fast reads no study questions, so it has nothing to pin by and fits every slot
+    originals = _session(tiny_chat, 64)
+    counts = {}
+    for method in ("am-hak", "am-hak-fast"):
+        session = _session(tiny_chat, 64)
+        compact_span(session, 0, 64, 0.25, method=method, task_pin=4, max_queries=512)
+        counts[method] = _original_slots(session, originals)
+    assert min(counts["am-hak"]) >= 4 and max(counts["am-hak-fast"]) == 0, counts
 
 
 def test_with_share_repeats_the_extra_rows_to_their_share():

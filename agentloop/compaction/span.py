@@ -148,7 +148,8 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     before it is compacted, are added to the method's queries as `task_share` of the rows, so that what it will
     ask of the span weighs in selection and fits (query-free methods ignore it); with `task_pin`, that many tokens
     of the span where those queries look (see `task_positions`) are kept in every head with their original keys and
-    values (solver `protect`; at most half of the kept slots).
+    values (solver `protect`; at most half of the kept slots); without `task_ids`, a method that reads self-study
+    queries pins where those look (what its study questions about the span found worth asking).
     `budgets` [layers, kv_heads] (slots per compactable head, see compaction.budgets.head_budgets) replaces the
     uniform `target`: each layer then holds the span at its largest head budget, and its other heads are
     padded with slots of key 0, value 0 and β = −inf (no attention, but they count toward the bytes).
@@ -184,8 +185,9 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                 if "task" not in memo:
                     memo["task"] = session.probe(list(task_ids), generate=TASK_DRAFT, temperature=0.0)
                 queries = queries.with_share(memo["task"], task_share)
-                if task_pin and METHODS[named.solver].fit:
-                    protect = task_positions(session, memo["task"], start, end, min(task_pin, int(slots.min()) // 2))
+            pin_by = "task" if task_ids else "selfstudy"  # without a task, where the study questions look
+            if task_pin and METHODS[named.solver].fit and pin_by in {"task", *(source for source, _ in sources)}:
+                protect = task_positions(session, memo[pin_by], start, end, min(task_pin, int(slots.min()) // 2))
     except (RuntimeError, torch.OutOfMemoryError) as exc:  # a probe that failed: nothing of the cache changed
         fallback, queries = f"reading the queries failed ({_first_line(exc)})", None
     seconds = {"queries": time.perf_counter() - tic}
