@@ -20,6 +20,7 @@ greedily. Conditions at the same memory:
   am-ss     `am` with method `am-hak` (self-study queries too: the queries snapkv scores with, values fitted)
   snapkv-reread  the same slots, method `snapkv-reread` (snapkv's eviction scored by `am`'s re-read queries)
   (am-ss and snapkv-reread complete the 2x2 of queries (re-read / self-study) by values (fitted / original))
+  am-values `am` with method `am-values` (β = 0: the kept keys' attention neither boosted nor damped, only their values fitted)
 
 Reported per condition: accuracy with a 95% Wilson interval (by fact kind too), the cache held when the answer
 starts, and the time per token read (prefill and compaction, from the first tool call to the answer).
@@ -44,10 +45,10 @@ MONTHS = ("January", "February", "March", "April", "May", "June", "July", "Augus
           "November", "December")
 KINDS = ("number", "name", "date")
 DEFAULT_CONDITIONS = ("whole", "am", "truncate", "snapkv")
-CONDITIONS = (*DEFAULT_CONDITIONS, "am-pool", "am-ss", "snapkv-reread")  # experiments, run by name
+CONDITIONS = (*DEFAULT_CONDITIONS, "am-pool", "am-ss", "snapkv-reread", "am-values")  # experiments, run by name
 ANSWER_NOW = "{question} Answer in a few words, without calling a tool."
 METHODS = {"truncate": "streaming", "snapkv": "snapkv", "am-pool": "am-hak-pool", "am-ss": "am-hak",
-           "snapkv-reread": "snapkv-reread"}  # ingestion method, if not the default
+           "snapkv-reread": "snapkv-reread", "am-values": "am-values"}  # ingestion method, if not the default
 
 
 def make_fact(kind: str, topic: str, rng: random.Random) -> dict:

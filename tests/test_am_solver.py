@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from agentloop.compaction import compact, evaluate, fit_beta, fit_values, select_highest_attention, select_omp
-from agentloop.compaction.solver import shifted_exp
+from agentloop.compaction.solver import attend, shifted_exp
 
 D = 32
 SCALE = D ** -0.5
@@ -359,3 +359,16 @@ def test_pooled_selection_brings_a_strong_keys_neighbours_and_still_keeps_every_
     protect[0, targets] = True
     pinned = compact(Q, K, V, t=16, scale=SCALE, method="hak-pool", protect=protect)
     assert set(targets) <= set(pinned.idx[0].tolist())
+
+
+def test_values_only_method_keeps_beta_zero_and_its_values_beat_the_kept_keys_own():
+    # hak-values: β = 0 on every kept key, values by least squares, so that on the fitting queries the compact
+    # block's outputs are closer (in summed squared error) to the full attention than with the same keys' values
+    Q, K, V = structured(2, 96, 64, seed=3)
+    result = compact(Q, K, V, t=12, scale=SCALE, method="hak-values")
+    assert torch.equal(result.beta, torch.zeros_like(result.beta))
+    reference, _ = attend(Q, K, V, SCALE)
+    keys = K.gather(1, result.idx[..., None].expand(-1, -1, D))
+    fitted, _ = attend(Q, keys, result.values, SCALE)
+    kept, _ = attend(Q, keys, V.gather(1, result.idx[..., None].expand(-1, -1, D)), SCALE)
+    assert ((fitted - reference) ** 2).sum() < 0.9 * ((kept - reference) ** 2).sum()

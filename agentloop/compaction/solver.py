@@ -514,6 +514,7 @@ class Method:
 METHODS: dict[str, Method] = {
     "hak": Method("attention", fit=True, active_set_iters=0),  # lstsq + clamp + 2 PGD steps, as the paper
     "hak-pool": Method("attention", fit=True, active_set_iters=0, pool=7),  # ... a strong key brings its neighbours
+    "hak-values": Method("attention", fit=True, active_set_iters=0, lo=0.0, hi=0.0),  # ... β = 0, values fitted
     "omp": Method("omp", fit=True),
     "omp-fast": Method("omp", fit=True, k_choice=4, refit_every=2),
     "topk-evict": Method("attention", fit=False, score="mean"),

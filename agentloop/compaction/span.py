@@ -40,6 +40,8 @@ NAMED_METHODS: dict[str, NamedMethod] = {
                                "repeat-prefill queries, highest-attention keys, β and values fit"),
     "am-hak-pool": NamedMethod("hak-pool", (("repeat", 1.0),),
                                "am-hak-fast with its selection scores max-pooled over 7 positions (as SnapKV's)"),
+    "am-values": NamedMethod("hak-values", (("repeat", 1.0),),
+                             "am-hak-fast without β (β = 0): only the values fitted to the kept keys"),
     "am-hak": NamedMethod("hak", SS_PLUS_REPEAT, "self-study + repeat queries, highest-attention keys"),
     "am-omp-fast": NamedMethod("omp-fast", SS_PLUS_REPEAT, "self-study + repeat queries, OMP keys 4 per step"),
     "am-omp": NamedMethod("omp", SS_PLUS_REPEAT, "self-study + repeat queries, OMP keys on the mass residual"),
