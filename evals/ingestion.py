@@ -17,7 +17,8 @@ bytes). Memory held is the cache right after ingestion, before the question.
 With --task-first the user asks the question up front ("Read notes.txt, then answer: ...") and a further
 condition, `am-task`, ingests as the agent does with `memory.ingest.task_queries: true`: the pending request
 and the model's draft reply to it hold a quarter of the fitting rows. Further conditions by name (`--conditions`):
-`am-ss`, `am-task-ss` (self-study queries too), `am-task-pool` (max-pooled key selection), `snapkv` and
+`am-ss`, `am-task-ss` (self-study queries too), `am-task-pool` (max-pooled key selection), `am-task-values` (β = 0,
+values fitted), `snapkv` and
 `snapkv-task` (SnapKV-style eviction, without and with the pending request), see CONDITIONS.
 """
 
@@ -112,6 +113,7 @@ CONDITIONS = {  # name: (compaction method, reads the pending task), "truncate" 
     "am-task": ("am-hak-fast", True),  # the re-read + the pending request and the model's draft reply
     "am-task-ss": ("am-hak", True),  # all three
     "am-task-pool": ("am-hak-pool", True),  # am-task with selection scores max-pooled over 7 positions
+    "am-task-values": ("am-values", True),  # am-task with β = 0 (only the values fitted)
     "snapkv": ("snapkv", False),  # eviction by attention from self-study queries (max-pooled), original values
     "snapkv-task": ("snapkv", True),  # ... and from the pending request with the model's draft reply
 }
@@ -283,6 +285,7 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
                  if pin else ""),
              "am-task": task, "am-task-ss": "self-study, the re-read and the pending request",
              "am-task-pool": task + "; the key selection's scores max-pooled over 7 positions (`am-hak-pool`)",
+             "am-task-values": task + "; β = 0, only the kept keys' values fitted (`am-values`)",
              "snapkv": snapkv, "snapkv-task": snapkv + (f", and the pending request with the model's draft reply "
                                                         f"({share:.0%} of the rows)" if share else "")}
     present_names = [c for c in CONDITIONS if any(r["condition"] == c for r in records)]
@@ -329,8 +332,8 @@ def _plot(summary: dict, groups: list[str], path: Path) -> None:
         if whole:
             ax.axhline(whole["accuracy"], color=color, lw=1, ls=":", label=f"whole result ({group})")
         for condition, style in (("am", "-o"), ("am-ss", "-v"), ("am-task", "-^"), ("am-task-ss", "-D"),
-                                 ("am-task-pool", "-P"), ("snapkv", "-.x"), ("snapkv-task", "-.*"),
-                                 ("truncate", "--s")):
+                                 ("am-task-pool", "-P"), ("am-task-values", "-p"), ("snapkv", "-.x"),
+                                 ("snapkv-task", "-.*"), ("truncate", "--s")):
             points = sorted((int(name.split()[1][:-1]), g[group]["accuracy"]) for name, g in summary.items()
                             if name.startswith(condition + " ") and group in g)
             if points:
