@@ -368,7 +368,8 @@ def test_values_only_method_keeps_beta_zero_and_its_values_beat_the_kept_keys_ow
     result = compact(Q, K, V, t=12, scale=SCALE, method="hak-values")
     assert torch.equal(result.beta, torch.zeros_like(result.beta))
     reference, _ = attend(Q, K, V, SCALE)
-    keys = K.gather(1, result.idx[..., None].expand(-1, -1, D))
+    rows = result.idx[..., None].expand(-1, -1, D)  # [H, t, D]
+    keys = K.gather(1, rows)
     fitted, _ = attend(Q, keys, result.values, SCALE)
-    kept, _ = attend(Q, keys, V.gather(1, result.idx[..., None].expand(-1, -1, D)), SCALE)
+    kept, _ = attend(Q, keys, V.gather(1, rows), SCALE)
     assert ((fitted - reference) ** 2).sum() < 0.9 * ((kept - reference) ** 2).sum()
