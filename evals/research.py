@@ -19,8 +19,8 @@ greedily. Conditions at the same memory:
   am-pool   `am` with method `am-hak-pool` (its key selection scores max-pooled over 7 positions, as SnapKV's)
   am-ss     `am` with method `am-hak` (self-study queries too: the queries snapkv scores with, values fitted)
   snapkv-reread  the same slots, method `snapkv-reread` (snapkv's eviction scored by `am`'s re-read queries)
-  (am-ss and snapkv-reread complete the 2x2 of queries (re-read / self-study) by values (fitted / original))
-  am-values `am` with method `am-values` (β = 0: the kept keys' attention neither boosted nor damped, only their values fitted)
+  am-values `am` with method `am-values` (β = 0: only the kept keys' values fitted)
+(am-ss and snapkv-reread complete the 2x2 of queries (re-read / self-study) by values (fitted / original).)
 
 Reported per condition: accuracy with a 95% Wilson interval (by fact kind too), the cache held when the answer
 starts, and the time per token read (prefill and compaction, from the first tool call to the answer).

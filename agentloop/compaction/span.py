@@ -187,8 +187,9 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                 if "task" not in memo:
                     memo["task"] = session.probe(list(task_ids), generate=TASK_DRAFT, temperature=0.0)
                 queries = queries.with_share(memo["task"], task_share)
-            pin_by = "task" if task_ids else "selfstudy"  # without a task, where the study questions look
-            if task_pin and METHODS[named.solver].fit and pin_by in {"task", *(source for source, _ in sources)}:
+            # the queries whose looked-at tokens are pinned: the task's, else (no task) the study questions'
+            pin_by = "task" if task_ids else "selfstudy" if "selfstudy" in dict(sources) else None
+            if task_pin and METHODS[named.solver].fit and pin_by:
                 protect = task_positions(session, memo[pin_by], start, end, min(task_pin, int(slots.min()) // 2))
     except (RuntimeError, torch.OutOfMemoryError) as exc:  # a probe that failed: nothing of the cache changed
         fallback, queries = f"reading the queries failed ({_first_line(exc)})", None
