@@ -33,7 +33,7 @@ def compact_result(session, result_ids: list[int], spec: IngestSpec, task_ids: l
     kept = max(1, round(len(middle) * spec.ratio))
     stats = compact_span(session, lo, hi, kept, method=spec.method, context_ids=middle, task_ids=list(task_ids),
                          max_queries=spec.max_queries, seed=seed, chunk=spec.chunk_tokens, task_share=task_share,
-                         task_pin=task_pin)
+                         task_pin=task_pin, span_ids=middle)
     summary = stats.summary()
     return {"span": [lo, hi], "slots_before": end - start, "slots_after": end - start - (hi - lo) + stats.kept,
             "bytes_before": stats.bytes_before, "bytes_after": stats.bytes_after,

@@ -44,11 +44,11 @@ LAST = ("Lindqvist", "Okafor", "Castellanos", "Nakamura", "Adeyemi", "Petrov", "
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
 KINDS = ("number", "name", "date")
-DEFAULT_CONDITIONS = ("whole", "am", "truncate", "snapkv")
-CONDITIONS = (*DEFAULT_CONDITIONS, "am-pool", "am-ss", "snapkv-reread", "am-values")  # experiments, run by name
-ANSWER_NOW = "{question} Answer in a few words, without calling a tool."
 METHODS = {"truncate": "streaming", "snapkv": "snapkv", "am-pool": "am-hak-pool", "am-ss": "am-hak",
            "snapkv-reread": "snapkv-reread", "am-values": "am-values"}  # ingestion method, if not the default
+CONDITIONS = ("whole", "am", *METHODS)
+DEFAULT_CONDITIONS = CONDITIONS[:4]  # whole, am, truncate, snapkv; the others are experiments, run by name
+ANSWER_NOW = "{question} Answer in a few words, without calling a tool."
 
 
 def make_fact(kind: str, topic: str, rng: random.Random) -> dict:

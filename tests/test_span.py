@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_loop import _continue, _fed, _prompt
 
-from agentloop import GenerationSettings
+from agentloop import GenerationSettings, Session
 from agentloop.compaction.span import compact_span
 
 
@@ -126,6 +126,62 @@ def test_without_a_task_a_self_study_method_pins_where_its_study_questions_look(
         compact_span(session, 0, 64, 0.25, method=method, task_pin=4, max_queries=512)
         counts[method] = _original_slots(session, originals)
     assert min(counts["am-hak"]) >= 4 and max(counts["am-hak-fast"]) == 0, counts
+
+
+def test_a_pinned_number_is_pinned_whole_with_the_blank_before_it(smollm2):
+    from agentloop.compaction.span import number_tokens, whole_numbers
+
+    tokenizer = smollm2.tokenizer
+    ids = tokenizer("The pass key is 60494. Later: 1967 and 38.", add_special_tokens=False)["input_ids"]
+    pieces = [tokenizer.decode([i]) for i in ids]
+    key = pieces.index("6")  # " is", " ", "6", "0", "4", "9", "4": the tokenizer puts a blank before the digits
+    assert pieces[key - 1] == " " and "".join(pieces[key:key + 5]) == "60494"
+    digits, blanks = number_tokens(tokenizer, ids)
+    cut = torch.zeros(len(ids), dtype=torch.bool)
+    cut[key - 2:key + 4] = True  # " is 6049": a window that ends a digit short
+    whole = whole_numbers(cut, digits, blanks, limit=len(ids))
+    assert whole[key - 2:key + 5].all() and int(whole.sum()) == 7  # the last digit joins; untouched numbers do not
+    cue_only = torch.zeros(len(ids), dtype=torch.bool)
+    cue_only[key - 2] = True  # only the cue " is": the blank and the number after it join
+    assert whole_numbers(cue_only, digits, blanks, limit=len(ids))[key - 1:key + 5].all()
+    assert torch.equal(whole_numbers(cut, digits, blanks, limit=6), cut)  # never past the limit
+
+
+def test_ingestion_keeps_a_pinned_number_whole_in_every_head(tiny_chat, monkeypatch):
+    # the task's window is made to end one digit short of a number in the span; with the span's tokens known (as on
+    # ingestion) that digit is kept with its original key and value in every head, without them it is not pinned
+    from agentloop.compaction import span as span_module
+    from agentloop.ingest import compact_result
+    from agentloop.task import IngestSpec
+
+    tokenizer = tiny_chat.tokenizer
+    text = "Some prose about mills and rivers. " * 6 + "The pass key is 60494. " + "More prose follows here. " * 6
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    last = next(i for i in range(4, len(ids)) if tokenizer.decode(ids[i - 4:i + 1]) == "60494")
+    spec = IngestSpec(trigger_tokens=16, ratio=0.25, keep_first=0, keep_last=0)
+
+    def cut_window(session, task, start, end, count, window=(2, 8)):
+        mask = torch.zeros(end - start, dtype=torch.bool)
+        mask[last - 7:last] = True  # " pass key is 6049" (positions relative to the span, which starts at 0)
+        return mask
+
+    monkeypatch.setattr(span_module, "task_positions", cut_window)
+    kept = {}
+    for known in (True, False):
+        session = Session(tiny_chat)
+        list(session.feed(ids))
+        original = [(session.cache.layers[layer].keys[0, :, last].clone(), session.cache.layers[layer].values[0, :, last].clone())
+                    for layer in session.cache.compactable]
+        if known:
+            compact_result(session, ids, spec, task_ids=ids[:8])
+        else:
+            compact_span(session, 0, len(ids), round(len(ids) * 0.25), task_ids=ids[:8], task_pin=32)
+        kept[known] = all(
+            ((session.cache.layers[layer].keys[0, head, :session.cache.physical_len] == key[head]).all(-1)
+             & (session.cache.layers[layer].values[0, head, :session.cache.physical_len] == value[head]).all(-1)).any()
+            for layer, (key, value) in zip(session.cache.compactable, original, strict=True)
+            for head in range(session.cache.kv_heads))
+    assert kept == {True: True, False: False}
 
 
 def test_with_share_repeats_the_extra_rows_to_their_share():

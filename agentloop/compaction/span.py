@@ -138,7 +138,8 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                  max_queries: int | None = MAX_QUERIES, seed: int = 0, chunk: int | None = None,
                  memo: dict[str, dict] | None = None, budgets: torch.Tensor | None = None,
                  task_ids: list[int] | None = None, task_share: float = TASK_SHARE, task_pin: int = 0,
-                 scratch_bytes: int | None = None, fallback: str | None = None, **knobs) -> SpanStats:
+                 span_ids: list[int] | None = None, scratch_bytes: int | None = None, fallback: str | None = None,
+                 **knobs) -> SpanStats:
     """Replace physical slots [start, end) of every compactable layer by a compacted block, in place.
 
     `queries` (ready-made) or `sources` ((name, weight) pairs) override the method's query sources; `memo`
@@ -151,7 +152,8 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     ask of the span weighs in selection and fits (query-free methods ignore it); with `task_pin`, that many tokens
     of the span where those queries look (see `task_positions`) are kept in every head with their original keys and
     values (solver `protect`; at most half of the kept slots); without `task_ids`, a method that reads self-study
-    queries pins where those look (what its study questions about the span found worth asking).
+    queries pins where those look (what its study questions about the span found worth asking). `span_ids`, the
+    span's own tokens when it is verbatim (as on ingestion), lets a pinned number be pinned whole (`whole_numbers`).
     `budgets` [layers, kv_heads] (slots per compactable head, see compaction.budgets.head_budgets) replaces the
     uniform `target`: each layer then holds the span at its largest head budget, and its other heads are
     padded with slots of key 0, value 0 and β = −inf (no attention, but they count toward the bytes).
@@ -190,7 +192,10 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
             # the queries whose looked-at tokens are pinned: the task's, else (no task) the study questions'
             pin_by = "task" if task_ids else "selfstudy" if "selfstudy" in dict(sources) else None
             if task_pin and METHODS[named.solver].fit and pin_by:
-                protect = task_positions(session, memo[pin_by], start, end, min(task_pin, int(slots.min()) // 2))
+                limit = int(slots.min()) // 2
+                protect = task_positions(session, memo[pin_by], start, end, min(task_pin, limit))
+                if span_ids is not None and session.tokenizer is not None:
+                    protect = whole_numbers(protect, *number_tokens(session.tokenizer, span_ids), limit)
     except (RuntimeError, torch.OutOfMemoryError) as exc:  # a probe that failed: nothing of the cache changed
         fallback, queries = f"reading the queries failed ({_first_line(exc)})", None
     seconds = {"queries": time.perf_counter() - tic}
@@ -281,6 +286,35 @@ def task_positions(session, task: dict[int, torch.Tensor], start: int, end: int,
     pooled = padded.unfold(0, before + after + 1, 1).amax(-1)  # [end - start]
     mask = torch.zeros(end - start, dtype=torch.bool)
     mask[pooled.topk(min(count, end - start)).indices] = True
+    return mask
+
+
+def number_tokens(tokenizer, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """([len(ids)] bool, [len(ids)] bool): the tokens that are digits only (a number's pieces, as the tokenizer
+    splits it) and those that are whitespace only (the " " that these tokenizers put before a number)."""
+    texts = [tokenizer.decode([i]) for i in ids]
+    return (torch.tensor([t.strip().isdigit() for t in texts], dtype=torch.bool),
+            torch.tensor([t != "" and t.isspace() for t in texts], dtype=torch.bool))
+
+
+def whole_numbers(mask: torch.Tensor, digits: torch.Tensor, blanks: torch.Tensor, limit: int) -> torch.Tensor:
+    """`mask` with every number it touches pinned whole, while it holds at most `limit` tokens.
+
+    A number is a run of digit tokens with the blank tokens just before it; it is touched when one of its tokens,
+    or the token just before it (the cue: "is" of "is 60494"), is pinned. The fixed window of task_positions can
+    end a digit short of a number the answer copies ("is 6049" of "is 60494"). Numbers are added in order until one
+    would pass the limit."""
+    mask = mask.clone()
+    # runs of digits [first, end), from the edges of `digits`
+    edges = torch.diff(digits.int(), prepend=torch.zeros(1, dtype=torch.int), append=torch.zeros(1, dtype=torch.int))
+    firsts, ends = (edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()
+    for first, end in zip(firsts, ends, strict=True):
+        while first > 0 and blanks[first - 1]:
+            first -= 1
+        touched = bool(mask[first:end].any()) or (first > 0 and bool(mask[first - 1]))
+        missing = int((~mask[first:end]).sum())
+        if touched and missing and int(mask.sum()) + missing <= limit:
+            mask[first:end] = True
     return mask
 
 
