@@ -22,8 +22,10 @@ TASK_PIN = 32  # tokens of a piece where the pending task looks, kept in every h
 
 
 def compact_result(session, result_ids: list[int], spec: IngestSpec, task_ids: list[int] = (),
-                   seed: int = 0, task_share: float = TASK_SHARE, task_pin: int = TASK_PIN) -> dict[str, Any]:
-    """Compact the newest len(result_ids) slots of `session`, which hold `result_ids` verbatim.
+                   seed: int = 0, task_share: float = TASK_SHARE, task_pin: int = TASK_PIN,
+                   pin_numbers: bool = False) -> dict[str, Any]:
+    """Compact the newest len(result_ids) slots of `session`, which hold `result_ids` verbatim (with
+    `pin_numbers`, every number in it is kept as it is: compact_span's `pin_numbers`).
 
     Returns the fields of an IngestEvent: span, slots and bytes before/after, seconds, fit errors."""
     end = session.cache.physical_len
@@ -33,7 +35,7 @@ def compact_result(session, result_ids: list[int], spec: IngestSpec, task_ids: l
     kept = max(1, round(len(middle) * spec.ratio))
     stats = compact_span(session, lo, hi, kept, method=spec.method, context_ids=middle, task_ids=list(task_ids),
                          max_queries=spec.max_queries, seed=seed, chunk=spec.chunk_tokens, task_share=task_share,
-                         task_pin=task_pin, span_ids=middle)
+                         task_pin=task_pin, span_ids=middle, pin_numbers=pin_numbers)
     summary = stats.summary()
     return {"span": [lo, hi], "slots_before": end - start, "slots_after": end - start - (hi - lo) + stats.kept,
             "bytes_before": stats.bytes_before, "bytes_after": stats.bytes_after,
@@ -42,7 +44,8 @@ def compact_result(session, result_ids: list[int], spec: IngestSpec, task_ids: l
 
 
 def ingest_result(session, ids: list[int], spec: IngestSpec, task_ids: list[int] = (),
-                  seed: int = 0, task_share: float = TASK_SHARE, task_pin: int = TASK_PIN) -> Iterator[Any]:
+                  seed: int = 0, task_share: float = TASK_SHARE, task_pin: int = TASK_PIN,
+                  pin_numbers: bool = False) -> Iterator[Any]:
     """Prefill a tool result's `ids` into `session` and compact it on ingestion if it is longer than the trigger.
 
     The result goes in pieces of at most `piece_tokens` (near-equal), each also no longer than the room left
@@ -78,4 +81,4 @@ def ingest_result(session, ids: list[int], spec: IngestSpec, task_ids: list[int]
                 "was prefilled)" if verbatim < len(piece) else f"the piece is too short ({len(piece)} tokens)")}
             continue
         yield {**about, **compact_result(session, piece[len(piece) - verbatim:], spec.model_copy(update=edges),
-                                         task_ids, seed + piece_no, task_share, task_pin)}
+                                         task_ids, seed + piece_no, task_share, task_pin, pin_numbers)}

@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task-pin", type=whole, default=TASK_PIN,
                         help="tokens of each piece where the task's queries look (with their neighbours) kept in "
                              f"every head with their original keys and values (default {TASK_PIN})")
+    parser.add_argument("--pin-numbers", action="store_true",
+                        help="keep every number of the result (with the tokens that lead to it) in every head with "
+                             "its original keys and values, task or not (compact_span pin_numbers)")
     parser.add_argument("--answer-tokens", type=count, default=8)
     parser.add_argument("--seed", type=whole, default=0)
     parser.add_argument("--resume", action="store_true", help="keep the trials already in the results file "
@@ -177,10 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     short, long = f"{args.min_tokens}-{args.max_tokens} tok", f"{args.long_tokens} tok"
     plan = [(short, args.ratios)] * args.trials + [(long, args.long_ratios)] * args.long_trials
     same = ("model", "source", "min_tokens", "max_tokens", "long_tokens", "keep", "piece_tokens", "chunk_tokens",
-            "max_queries", "task_first", "task_share", "task_pin", "answer_tokens", "seed", "conditions")
+            "max_queries", "task_first", "task_share", "task_pin", "pin_numbers", "answer_tokens", "seed",
+            "conditions")
     per_trial = {group: 1 + len(ratios) * len(args.conditions) for group, ratios in plan}
     records = earlier_records(args, same, lambda r: r["trial"], lambda r: per_trial[r["group"]],
-                              older={"task_pin": 0}) if args.resume else []
+                              older={"task_pin": 0, "pin_numbers": False}) if args.resume else []
     done = {r["trial"] for r in records}
     for trial, (group, ratios) in enumerate(plan):
         tic = time.perf_counter()
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 clock = time.perf_counter()
                 pieces = [item for item in ingest_result(session, result, spec, pending if reads_task else [],
                                                          seed=args.seed + trial, task_share=args.task_share,
-                                                         task_pin=args.task_pin)
+                                                         task_pin=args.task_pin, pin_numbers=args.pin_numbers)
                           if isinstance(item, dict)]
                 ingest_s = time.perf_counter() - clock
                 slots = sum(p["slots_after"] for p in pieces)
@@ -290,6 +294,9 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
                                                         f"({share:.0%} of the rows)" if share else "")}
     present_names = [c for c in CONDITIONS if any(r["condition"] == c for r in records)]
     asked += "Fitting queries: " + "; ".join(f"`{c}` {named[c]}" for c in present_names) + ". "
+    if getattr(args, "pin_numbers", False):
+        asked += ("Every number of the result, with the 3 tokens before it, is kept in every head with its original "
+                  "keys and values (`pin_numbers`). ")
     lines = [f"# Passkey retrieval from a long tool result compacted on ingestion ({args.model}, {args.source})", "",
              (f"{trials} trials: a five-digit pass key at a random depth of a tool result of {' or '.join(groups)}ens "
               "(columns), read in an "

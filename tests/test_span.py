@@ -147,6 +147,24 @@ def test_a_pinned_number_is_pinned_whole_with_the_blank_before_it(smollm2):
     assert torch.equal(whole_numbers(cut, digits, blanks, limit=6), cut)  # never past the limit
 
 
+def test_pin_numbers_pins_every_number_with_its_lead(smollm2):
+    from agentloop.compaction.span import NUMBER_LEAD, number_tokens, whole_numbers
+
+    tokenizer = smollm2.tokenizer
+    ids = tokenizer("Some words here. The pass key is 60494. Later: 1967 and 38.", add_special_tokens=False)["input_ids"]
+    pieces = [tokenizer.decode([i]) for i in ids]
+    digits, blanks = number_tokens(tokenizer, ids)
+    none = torch.zeros(len(ids), dtype=torch.bool)
+    every = whole_numbers(none, digits, blanks, limit=len(ids), every=True)
+    key = pieces.index("6")
+    assert every[key - 1 - NUMBER_LEAD:key + 5].all()  # " pass key is", the blank, the five digits
+    assert "".join(p for p, pinned in zip(pieces, every) if pinned).count("1967") == 1
+    assert all(every[i] for i, p in enumerate(pieces) if p.strip().isdigit())  # every digit token of every number
+    assert not every[:key - 1 - NUMBER_LEAD].any()  # words before the first lead stay unpinned
+    first_only = whole_numbers(none, digits, blanks, limit=NUMBER_LEAD + 6, every=True)
+    assert first_only[key - 1 - NUMBER_LEAD:key + 5].all() and int(first_only.sum()) == NUMBER_LEAD + 6  # the limit
+
+
 def test_ingestion_keeps_a_pinned_number_whole_in_every_head(tiny_chat, monkeypatch):
     # the task's window is made to end one digit short of a number in the span; with the span's tokens known (as on
     # ingestion) that digit is kept with its original key and value in every head, without them it is not pinned
@@ -182,6 +200,34 @@ def test_ingestion_keeps_a_pinned_number_whole_in_every_head(tiny_chat, monkeypa
             for layer, (key, value) in zip(session.cache.compactable, original, strict=True)
             for head in range(session.cache.kv_heads))
     assert kept == {True: True, False: False}
+
+
+def test_ingestion_with_pin_numbers_keeps_every_digit_without_a_task(tiny_chat):
+    # no task to look with: pin_numbers alone keeps each digit of the number with its original key and value in
+    # every head; without it, the fitted slots hold no exact copy of them
+    from agentloop.ingest import compact_result
+    from agentloop.task import IngestSpec
+
+    tokenizer = tiny_chat.tokenizer
+    text = "Some prose about mills and rivers. " * 6 + "The pass key is 60494. " + "More prose follows here. " * 6
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    last = next(i for i in range(4, len(ids)) if tokenizer.decode(ids[i - 4:i + 1]) == "60494")
+    digits = [i for i in range(last - 4, last + 1) if tokenizer.decode([ids[i]]).strip().isdigit()]
+    spec = IngestSpec(trigger_tokens=16, ratio=0.25, keep_first=0, keep_last=0)
+    kept = {}
+    for pin in (True, False):
+        session = Session(tiny_chat)
+        list(session.feed(ids))
+        cache = session.cache
+        original = {(layer, i): (cache.layers[layer].keys[0, :, i].clone(), cache.layers[layer].values[0, :, i].clone())
+                    for layer in cache.compactable for i in digits}
+        compact_result(session, ids, spec, pin_numbers=pin)
+        held = cache.physical_len
+        kept[pin] = all(
+            ((cache.layers[layer].keys[0, head, :held] == key[head]).all(-1)
+             & (cache.layers[layer].values[0, head, :held] == value[head]).all(-1)).any()
+            for (layer, _), (key, value) in original.items() for head in range(cache.kv_heads))
+    assert digits and kept == {True: True, False: False}
 
 
 def test_with_share_repeats_the_extra_rows_to_their_share():

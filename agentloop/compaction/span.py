@@ -25,6 +25,7 @@ TASK_SHARE = 0.25  # share of the fitting rows given to the queries of a known f
 TASK_DRAFT = 16  # tokens the model drafts (greedily) after that text on the uncompacted cache; their queries join it
 TASK_WINDOW = (2, 8)  # ... each with the tokens up to this far before and after it: an answer follows its cue
 # ("the pass key is" -> the digits, read one token at a time), so the window reaches further forward (task_pin)
+NUMBER_LEAD = 3  # tokens before a number pinned with it when every number is pinned (pin_numbers): "pass key is"
 SS_PLUS_REPEAT: QuerySources = (("repeat", 1.0), ("selfstudy", 4.0))  # the paper's mix: repeat is 1 of 5 specs
 
 
@@ -138,7 +139,7 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                  max_queries: int | None = MAX_QUERIES, seed: int = 0, chunk: int | None = None,
                  memo: dict[str, dict] | None = None, budgets: torch.Tensor | None = None,
                  task_ids: list[int] | None = None, task_share: float = TASK_SHARE, task_pin: int = 0,
-                 span_ids: list[int] | None = None, scratch_bytes: int | None = None, fallback: str | None = None,
+                 span_ids: list[int] | None = None, pin_numbers: bool = False, scratch_bytes: int | None = None, fallback: str | None = None,
                  **knobs) -> SpanStats:
     """Replace physical slots [start, end) of every compactable layer by a compacted block, in place.
 
@@ -153,7 +154,8 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     of the span where those queries look (see `task_positions`) are kept in every head with their original keys and
     values (solver `protect`; at most half of the kept slots); without `task_ids`, a method that reads self-study
     queries pins where those look (what its study questions about the span found worth asking). `span_ids`, the
-    span's own tokens when it is verbatim (as on ingestion), lets a pinned number be pinned whole (`whole_numbers`).
+    span's own tokens when it is verbatim (as on ingestion), lets a pinned number be pinned whole (`whole_numbers`),
+    and with `pin_numbers` every number of the span is pinned, with the tokens that lead to it, task or not.
     `budgets` [layers, kv_heads] (slots per compactable head, see compaction.budgets.head_budgets) replaces the
     uniform `target`: each layer then holds the span at its largest head budget, and its other heads are
     padded with slots of key 0, value 0 and β = −inf (no attention, but they count toward the bytes).
@@ -191,11 +193,13 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                 queries = queries.with_share(memo["task"], task_share)
             # the queries whose looked-at tokens are pinned: the task's, else (no task) the study questions'
             pin_by = "task" if task_ids else "selfstudy" if "selfstudy" in dict(sources) else None
-            if task_pin and METHODS[named.solver].fit and pin_by:
-                limit = int(slots.min()) // 2
+            fits, limit = METHODS[named.solver].fit, int(slots.min()) // 2
+            if task_pin and fits and pin_by:
                 protect = task_positions(session, memo[pin_by], start, end, min(task_pin, limit))
-                if span_ids is not None and session.tokenizer is not None:
-                    protect = whole_numbers(protect, *number_tokens(session.tokenizer, span_ids), limit)
+            if fits and span_ids is not None and session.tokenizer is not None and (protect is not None or
+                                                                                  pin_numbers):
+                protect = whole_numbers(torch.zeros(span_len, dtype=torch.bool) if protect is None else protect,
+                                        *number_tokens(session.tokenizer, span_ids), limit, every=pin_numbers)
     except (RuntimeError, torch.OutOfMemoryError) as exc:  # a probe that failed: nothing of the cache changed
         fallback, queries = f"reading the queries failed ({_first_line(exc)})", None
     seconds = {"queries": time.perf_counter() - tic}
@@ -297,13 +301,15 @@ def number_tokens(tokenizer, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor
             torch.tensor([t != "" and t.isspace() for t in texts], dtype=torch.bool))
 
 
-def whole_numbers(mask: torch.Tensor, digits: torch.Tensor, blanks: torch.Tensor, limit: int) -> torch.Tensor:
+def whole_numbers(mask: torch.Tensor, digits: torch.Tensor, blanks: torch.Tensor, limit: int,
+                  every: bool = False) -> torch.Tensor:
     """`mask` with every number it touches pinned whole, while it holds at most `limit` tokens.
 
     A number is a run of digit tokens with the blank tokens just before it; it is touched when one of its tokens,
     or the token just before it (the cue: "is" of "is 60494"), is pinned. The fixed window of task_positions can
-    end a digit short of a number the answer copies ("is 6049" of "is 60494"). Numbers are added in order until one
-    would pass the limit."""
+    end a digit short of a number the answer copies ("is 6049" of "is 60494"). With `every`, each number is
+    pinned, with the NUMBER_LEAD tokens before it (what says which number it is: "key is" of "key is 60494").
+    Numbers are added in order until one would pass the limit."""
     mask = mask.clone()
     # runs of digits [first, end), from the edges of `digits`
     edges = torch.diff(digits.int(), prepend=torch.zeros(1, dtype=torch.int), append=torch.zeros(1, dtype=torch.int))
@@ -311,7 +317,9 @@ def whole_numbers(mask: torch.Tensor, digits: torch.Tensor, blanks: torch.Tensor
     for first, end in zip(firsts, ends, strict=True):
         while first > 0 and blanks[first - 1]:
             first -= 1
-        touched = bool(mask[first:end].any()) or (first > 0 and bool(mask[first - 1]))
+        if every:
+            first = max(0, first - NUMBER_LEAD)
+        touched = every or bool(mask[first:end].any()) or (first > 0 and bool(mask[first - 1]))
         missing = int((~mask[first:end]).sum())
         if touched and missing and int(mask.sum()) + missing <= limit:
             mask[first:end] = True
