@@ -139,7 +139,8 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                  max_queries: int | None = MAX_QUERIES, seed: int = 0, chunk: int | None = None,
                  memo: dict[str, dict] | None = None, budgets: torch.Tensor | None = None,
                  task_ids: list[int] | None = None, task_share: float = TASK_SHARE, task_pin: int = 0,
-                 span_ids: list[int] | None = None, pin_numbers: bool = False, scratch_bytes: int | None = None, fallback: str | None = None,
+                 span_ids: list[int] | None = None, pin_numbers: bool = False, scratch_bytes: int | None = None,
+                 fallback: str | None = None,
                  **knobs) -> SpanStats:
     """Replace physical slots [start, end) of every compactable layer by a compacted block, in place.
 
