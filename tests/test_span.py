@@ -157,12 +157,12 @@ def test_pin_numbers_pins_every_number_with_its_lead(smollm2):
     none = torch.zeros(len(ids), dtype=torch.bool)
     every = whole_numbers(none, digits, blanks, limit=len(ids), every=True)
     key = pieces.index("6")
-    assert every[key - 1 - NUMBER_LEAD:key + 5].all()  # " pass key is", the blank, the five digits
+    assert every[key - 1 - NUMBER_LEAD:key + 6].all()  # " pass key is", the blank, the five digits, the "."
     assert "".join(p for p, pinned in zip(pieces, every, strict=True) if pinned).count("1967") == 1
     assert all(every[i] for i, p in enumerate(pieces) if p.strip().isdigit())  # every digit token of every number
     assert not every[:key - 1 - NUMBER_LEAD].any()  # words before the first lead stay unpinned
-    first_only = whole_numbers(none, digits, blanks, limit=NUMBER_LEAD + 6, every=True)
-    assert first_only[key - 1 - NUMBER_LEAD:key + 5].all() and int(first_only.sum()) == NUMBER_LEAD + 6  # the limit
+    first_only = whole_numbers(none, digits, blanks, limit=NUMBER_LEAD + 7, every=True)
+    assert first_only[key - 1 - NUMBER_LEAD:key + 6].all() and int(first_only.sum()) == NUMBER_LEAD + 7  # the limit
 
 
 def test_ingestion_keeps_a_pinned_number_whole_in_every_head(tiny_chat, monkeypatch):

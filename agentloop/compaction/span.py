@@ -25,7 +25,7 @@ TASK_SHARE = 0.25  # share of the fitting rows given to the queries of a known f
 TASK_DRAFT = 16  # tokens the model drafts (greedily) after that text on the uncompacted cache; their queries join it
 TASK_WINDOW = (2, 8)  # ... each with the tokens up to this far before and after it: an answer follows its cue
 # ("the pass key is" -> the digits, read one token at a time), so the window reaches further forward (task_pin)
-NUMBER_LEAD = 3  # tokens before a number pinned with it when every number is pinned (pin_numbers): "pass key is"
+NUMBER_LEAD = 3  # tokens before a number pinned with it (and the one after) when every number is pinned (pin_numbers)
 SS_PLUS_REPEAT: QuerySources = (("repeat", 1.0), ("selfstudy", 4.0))  # the paper's mix: repeat is 1 of 5 specs
 
 
@@ -309,7 +309,8 @@ def whole_numbers(mask: torch.Tensor, digits: torch.Tensor, blanks: torch.Tensor
     A number is a run of digit tokens with the blank tokens just before it; it is touched when one of its tokens,
     or the token just before it (the cue: "is" of "is 60494"), is pinned. The fixed window of task_positions can
     end a digit short of a number the answer copies ("is 6049" of "is 60494"). With `every`, each number is
-    pinned, with the NUMBER_LEAD tokens before it (what says which number it is: "key is" of "key is 60494").
+    pinned, with the NUMBER_LEAD tokens before it (what says which number it is: "key is" of "key is 60494") and
+    the token after it (without it, a copy of the number did not stop: "6049494").
     Numbers are added in order until one would pass the limit."""
     mask = mask.clone()
     # runs of digits [first, end), from the edges of `digits`
@@ -318,8 +319,8 @@ def whole_numbers(mask: torch.Tensor, digits: torch.Tensor, blanks: torch.Tensor
     for first, end in zip(firsts, ends, strict=True):
         while first > 0 and blanks[first - 1]:
             first -= 1
-        if every:
-            first = max(0, first - NUMBER_LEAD)
+        if every:  # with the tokens that lead to it, and the one after it (where a copy of the number stops)
+            first, end = max(0, first - NUMBER_LEAD), min(len(mask), end + 1)
         touched = every or bool(mask[first:end].any()) or (first > 0 and bool(mask[first - 1]))
         missing = int((~mask[first:end]).sum())
         if touched and missing and int(mask.sum()) + missing <= limit:
