@@ -5,7 +5,8 @@ stay verbatim; the middle is compacted to `ratio` of its slots with an Attention
 reference queries come from a repeat-prefill of the result itself (with `task_queries`, the queries of the
 pending task read after it, and of the model's short draft reply, also hold a quarter of the fitting rows,
 so the fit weighs what the task will ask, and the TASK_PIN tokens where those queries look are kept in every head
-with their original keys and values: a number the task will copy keeps all its digits). A result longer than
+with their original keys and values: a number the task will copy keeps all its digits; with `pin_numbers`, every
+number of the result is kept so, task or not). A result longer than
 `piece_tokens` is prefilled and compacted piece by piece, so the cache never holds more than one piece of it verbatim.
 """
 
@@ -22,10 +23,8 @@ TASK_PIN = 32  # tokens of a piece where the pending task looks, kept in every h
 
 
 def compact_result(session, result_ids: list[int], spec: IngestSpec, task_ids: list[int] = (),
-                   seed: int = 0, task_share: float = TASK_SHARE, task_pin: int = TASK_PIN,
-                   pin_numbers: bool = False) -> dict[str, Any]:
-    """Compact the newest len(result_ids) slots of `session`, which hold `result_ids` verbatim (with
-    `pin_numbers`, every number in it is kept as it is: compact_span's `pin_numbers`).
+                   seed: int = 0, task_share: float = TASK_SHARE, task_pin: int = TASK_PIN) -> dict[str, Any]:
+    """Compact the newest len(result_ids) slots of `session`, which hold `result_ids` verbatim.
 
     Returns the fields of an IngestEvent: span, slots and bytes before/after, seconds, fit errors."""
     end = session.cache.physical_len
@@ -35,7 +34,7 @@ def compact_result(session, result_ids: list[int], spec: IngestSpec, task_ids: l
     kept = max(1, round(len(middle) * spec.ratio))
     stats = compact_span(session, lo, hi, kept, method=spec.method, context_ids=middle, task_ids=list(task_ids),
                          max_queries=spec.max_queries, seed=seed, chunk=spec.chunk_tokens, task_share=task_share,
-                         task_pin=task_pin, span_ids=middle, pin_numbers=pin_numbers)
+                         task_pin=task_pin, span_ids=middle, pin_numbers=spec.pin_numbers)
     summary = stats.summary()
     return {"span": [lo, hi], "slots_before": end - start, "slots_after": end - start - (hi - lo) + stats.kept,
             "bytes_before": stats.bytes_before, "bytes_after": stats.bytes_after,
@@ -44,8 +43,7 @@ def compact_result(session, result_ids: list[int], spec: IngestSpec, task_ids: l
 
 
 def ingest_result(session, ids: list[int], spec: IngestSpec, task_ids: list[int] = (),
-                  seed: int = 0, task_share: float = TASK_SHARE, task_pin: int = TASK_PIN,
-                  pin_numbers: bool = False) -> Iterator[Any]:
+                  seed: int = 0, task_share: float = TASK_SHARE, task_pin: int = TASK_PIN) -> Iterator[Any]:
     """Prefill a tool result's `ids` into `session` and compact it on ingestion if it is longer than the trigger.
 
     The result goes in pieces of at most `piece_tokens` (near-equal), each also no longer than the room left
@@ -81,4 +79,4 @@ def ingest_result(session, ids: list[int], spec: IngestSpec, task_ids: list[int]
                 "was prefilled)" if verbatim < len(piece) else f"the piece is too short ({len(piece)} tokens)")}
             continue
         yield {**about, **compact_result(session, piece[len(piece) - verbatim:], spec.model_copy(update=edges),
-                                         task_ids, seed + piece_no, task_share, task_pin, pin_numbers)}
+                                         task_ids, seed + piece_no, task_share, task_pin)}

@@ -70,6 +70,8 @@ class IngestSpec(BaseModel):
                                "where they look (with the few after each) with their original keys and values: "
                                "keeps what the task will ask for (the default: it wins `agentloop eval ingestion "
                                "--task-first`)")
+    pin_numbers: bool = Field(False, description="keep every number of the result, with the 3 tokens before it and "
+                              "the one after, with its original keys and values (up to half the kept slots)")
     max_queries: int | None = Field(MAX_QUERIES, ge=16, description="reference queries per KV head (a random "
                                     "subsample of the re-read's queries above this; null: every query)")
     exclude: list[str] = Field(default_factory=list, description="tools whose results are never compacted")

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"every head with their original keys and values (default {TASK_PIN})")
     parser.add_argument("--pin-numbers", action="store_true",
                         help="keep every number of the result (with the tokens that lead to it) in every head with "
-                             "its original keys and values, task or not (compact_span pin_numbers)")
+                             "its original keys and values, task or not (memory.ingest.pin_numbers)")
     parser.add_argument("--answer-tokens", type=count, default=8)
     parser.add_argument("--seed", type=whole, default=0)
     parser.add_argument("--resume", action="store_true", help="keep the trials already in the results file "
@@ -210,12 +210,13 @@ def main(argv: list[str] | None = None) -> int:
                 method, reads_task = CONDITIONS[condition]
                 spec = IngestSpec(trigger_tokens=2 * args.keep + 2, ratio=1 / ratio, keep_first=args.keep,
                                   keep_last=args.keep, piece_tokens=args.piece_tokens, method=method,
-                                  chunk_tokens=args.chunk_tokens or None, max_queries=args.max_queries)
+                                  chunk_tokens=args.chunk_tokens or None, max_queries=args.max_queries,
+                                  pin_numbers=args.pin_numbers)
                 session = base.fork()
                 clock = time.perf_counter()
                 pieces = [item for item in ingest_result(session, result, spec, pending if reads_task else [],
                                                          seed=args.seed + trial, task_share=args.task_share,
-                                                         task_pin=args.task_pin, pin_numbers=args.pin_numbers)
+                                                         task_pin=args.task_pin)
                           if isinstance(item, dict)]
                 ingest_s = time.perf_counter() - clock
                 slots = sum(p["slots_after"] for p in pieces)
@@ -295,8 +296,8 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
     present_names = [c for c in CONDITIONS if any(r["condition"] == c for r in records)]
     asked += "Fitting queries: " + "; ".join(f"`{c}` {named[c]}" for c in present_names) + ". "
     if getattr(args, "pin_numbers", False):
-        asked += ("Every number of the result, with the 3 tokens before it, is kept in every head with its original "
-                  "keys and values (`pin_numbers`). ")
+        asked += ("Every number of the result, with the 3 tokens before it and the one after, is kept in every head "
+                  "with its original keys and values (`pin_numbers`). ")
     lines = [f"# Passkey retrieval from a long tool result compacted on ingestion ({args.model}, {args.source})", "",
              (f"{trials} trials: a five-digit pass key at a random depth of a tool result of {' or '.join(groups)}ens "
               "(columns), read in an "

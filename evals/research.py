@@ -20,6 +20,7 @@ greedily. Conditions at the same memory:
   am-ss     `am` with method `am-hak` (self-study queries too: the queries snapkv scores with, values fitted)
   snapkv-reread  the same slots, method `snapkv-reread` (snapkv's eviction scored by `am`'s re-read queries)
   am-values `am` with method `am-values` (β = 0: only the kept keys' values fitted)
+  am-numbers `am` with memory.ingest.pin_numbers (every number of a result kept as it is, with its neighbours)
 (am-ss and snapkv-reread complete the 2x2 of queries (re-read / self-study) by values (fitted / original).)
 
 Reported per condition: accuracy with a 95% Wilson interval (by fact kind too), the cache held when the answer
@@ -46,7 +47,8 @@ MONTHS = ("January", "February", "March", "April", "May", "June", "July", "Augus
 KINDS = ("number", "name", "date")
 METHODS = {"truncate": "streaming", "snapkv": "snapkv", "am-pool": "am-hak-pool", "am-ss": "am-hak",
            "snapkv-reread": "snapkv-reread", "am-values": "am-values"}  # ingestion method, if not the default
-CONDITIONS = ("whole", "am", *METHODS)
+SETTINGS = {"am-numbers": {"pin_numbers": True}}  # other memory.ingest settings of `am`
+CONDITIONS = ("whole", "am", *METHODS, *SETTINGS)
 DEFAULT_CONDITIONS = CONDITIONS[:4]  # whole, am, truncate, snapkv; the others are experiments, run by name
 ANSWER_NOW = "{question} Answer in a few words, without calling a tool."
 
@@ -124,6 +126,7 @@ def memory_settings(condition: str, cap: int, ratio: int, trigger: int) -> dict:
     ingest = {"trigger_tokens": trigger, "ratio": 1 / ratio}
     if condition in METHODS:
         ingest["method"] = METHODS[condition]
+    ingest.update(SETTINGS.get(condition, {}))
     return {"cap": f"{cap}tok", "policy": "am", "ingest": ingest}
 
 
@@ -248,7 +251,9 @@ def report(args, records: list[dict], argv: list[str] | None) -> str:
             "policy_actions": sum(r["policy_actions"] for r in sel) / len(sel)}
     questions = len({r["question"] for r in records})
     command = ("agentloop eval research " + " ".join(argv or [])).strip()
-    methods = "".join(f"; `{c}`: method `{m}`" for c, m in METHODS.items() if c in args.conditions)
+    methods = "".join(f"; `{c}`: method `{m}`" for c, m in METHODS.items() if c in args.conditions) + "".join(
+        f"; `{c}`: `am` with " + ", ".join(f"memory.ingest.{k} = {v}" for k, v in settings.items())
+        for c, settings in SETTINGS.items() if c in args.conditions)
     lines = [f"# Research agent: questions about long files read with its tools ({args.model})", "",
              f"{questions} questions; each reads {args.files} files of {args.file_tokens} tokens of prose "
              f"({args.facts_per_file} planted fact(s) per file: numbers, names, dates) with the agent's "

@@ -213,15 +213,15 @@ def test_ingestion_with_pin_numbers_keeps_every_digit_without_a_task(tiny_chat):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     last = next(i for i in range(4, len(ids)) if tokenizer.decode(ids[i - 4:i + 1]) == "60494")
     digits = [i for i in range(last - 4, last + 1) if tokenizer.decode([ids[i]]).strip().isdigit()]
-    spec = IngestSpec(trigger_tokens=16, ratio=0.25, keep_first=0, keep_last=0)
     kept = {}
     for pin in (True, False):
+        spec = IngestSpec(trigger_tokens=16, ratio=0.25, keep_first=0, keep_last=0, pin_numbers=pin)
         session = Session(tiny_chat)
         list(session.feed(ids))
         cache = session.cache
         original = {(layer, i): (cache.layers[layer].keys[0, :, i].clone(), cache.layers[layer].values[0, :, i].clone())
                     for layer in cache.compactable for i in digits}
-        compact_result(session, ids, spec, pin_numbers=pin)
+        compact_result(session, ids, spec)
         held = cache.physical_len
         kept[pin] = all(
             ((cache.layers[layer].keys[0, head, :held] == key[head]).all(-1)
