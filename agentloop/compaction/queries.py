@@ -22,9 +22,6 @@ SELF_STUDY_PROMPTS = (
     "List all the key facts, names and numbers mentioned in the context.",
     "Ask and answer three questions about the details of the context.",
 )
-# in an agent conversation with tools, a bare study prompt is often answered with a tool call (Qwen2.5-Coder: 2 of 3
-# prompts, every trial of `agentloop eval ingestion`), whose queries look at the tool schema instead of the context
-STUDY_SUFFIX = " Answer in plain text from the context above; do not call any tool."
 
 
 class QueryRecorder:
@@ -312,8 +309,7 @@ def rotate(queries: dict[int, torch.Tensor], shift: int, inv_freq: torch.Tensor 
 
 def self_study_queries(session, max_new_tokens: int = 48, seed: int = 0) -> dict[int, torch.Tensor]:
     """The model answers short study prompts about the context; the queries of prompt + answer are kept."""
-    parts = [(session.probe(turn_ids(session.tokenizer, prompt + STUDY_SUFFIX), generate=max_new_tokens,
-                            seed=seed + k), 1.0)
+    parts = [(session.probe(turn_ids(session.tokenizer, prompt), generate=max_new_tokens, seed=seed + k), 1.0)
              for k, prompt in enumerate(SELF_STUDY_PROMPTS)]
     return combine(parts, budget=None, seed=seed)
 
