@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agentloop.compaction.span import MAX_QUERIES, NAMED_METHODS
+from agentloop.compaction.span import MAX_QUERIES, NAMED_METHODS, NUMBER_LEAD
 from agentloop.errors import AgentloopError
 from agentloop.loop import GenerationSettings
 from agentloop.memcap import parse_mem_cap
@@ -70,8 +70,9 @@ class IngestSpec(BaseModel):
                                "where they look (with the few after each) with their original keys and values: "
                                "keeps what the task will ask for (the default: it wins `agentloop eval ingestion "
                                "--task-first`)")
-    pin_numbers: bool = Field(False, description="keep every number of the result, with the 3 tokens before it and "
-                              "the one after, with its original keys and values (up to half the kept slots)")
+    pin_numbers: bool = Field(False, description=f"keep every number of the result, with the {NUMBER_LEAD} tokens "
+                              "before it and the one after, with its original keys and values (up to half the kept "
+                              "slots)")
     max_queries: int | None = Field(MAX_QUERIES, ge=16, description="reference queries per KV head (a random "
                                     "subsample of the re-read's queries above this; null: every query)")
     exclude: list[str] = Field(default_factory=list, description="tools whose results are never compacted")

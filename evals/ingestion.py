@@ -252,7 +252,7 @@ def _compacted_slots(n_result: int, ratio: int, args) -> int:
 
 def _report(args, records: list[dict], argv: list[str] | None) -> str:
     """Accuracy and memory per condition; written to evals/results after every trial (unless --no-write)."""
-    from agentloop.compaction.span import TASK_WINDOW
+    from agentloop.compaction.span import NUMBER_LEAD, TASK_WINDOW
     from agentloop.evals import results_dir, write_results
     from agentloop.evals.passkey import wilson
     from agentloop.memcap import format_bytes
@@ -296,8 +296,8 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
     present_names = [c for c in CONDITIONS if any(r["condition"] == c for r in records)]
     asked += "Fitting queries: " + "; ".join(f"`{c}` {named[c]}" for c in present_names) + ". "
     if getattr(args, "pin_numbers", False):
-        asked += ("Every number of the result, with the 3 tokens before it and the one after, is kept in every head "
-                  "with its original keys and values (`pin_numbers`). ")
+        asked += (f"Every number of the result, with the {NUMBER_LEAD} tokens before it and the one after, is kept in "
+                  "every head with its original keys and values (`pin_numbers`). ")
     lines = [f"# Passkey retrieval from a long tool result compacted on ingestion ({args.model}, {args.source})", "",
              (f"{trials} trials: a five-digit pass key at a random depth of a tool result of {' or '.join(groups)}ens "
               "(columns), read in an "

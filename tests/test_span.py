@@ -165,6 +165,14 @@ def test_pin_numbers_pins_every_number_with_its_lead(smollm2):
     assert first_only[key - 1 - NUMBER_LEAD:key + 6].all() and int(first_only.sum()) == NUMBER_LEAD + 7  # the limit
 
 
+def _held_exactly(cache, layer: int, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether every KV head of `layer` holds a slot with this token's original key and value [kv_heads, d]."""
+    held = cache.physical_len
+    return all(((cache.layers[layer].keys[0, head, :held] == key[head]).all(-1)
+                & (cache.layers[layer].values[0, head, :held] == value[head]).all(-1)).any()
+               for head in range(cache.kv_heads))
+
+
 def test_ingestion_keeps_a_pinned_number_whole_in_every_head(tiny_chat, monkeypatch):
     # the task's window is made to end one digit short of a number in the span; with the span's tokens known (as on
     # ingestion) that digit is kept with its original key and value in every head, without them it is not pinned
@@ -194,11 +202,8 @@ def test_ingestion_keeps_a_pinned_number_whole_in_every_head(tiny_chat, monkeypa
             compact_result(session, ids, spec, task_ids=ids[:8])
         else:
             compact_span(session, 0, len(ids), round(len(ids) * 0.25), task_ids=ids[:8], task_pin=32)
-        kept[known] = all(
-            ((session.cache.layers[layer].keys[0, head, :session.cache.physical_len] == key[head]).all(-1)
-             & (session.cache.layers[layer].values[0, head, :session.cache.physical_len] == value[head]).all(-1)).any()
-            for layer, (key, value) in zip(session.cache.compactable, original, strict=True)
-            for head in range(session.cache.kv_heads))
+        kept[known] = all(_held_exactly(session.cache, layer, key, value)
+                          for layer, (key, value) in zip(session.cache.compactable, original, strict=True))
     assert kept == {True: True, False: False}
 
 
@@ -222,11 +227,7 @@ def test_ingestion_with_pin_numbers_keeps_every_digit_without_a_task(tiny_chat):
         original = {(layer, i): (cache.layers[layer].keys[0, :, i].clone(), cache.layers[layer].values[0, :, i].clone())
                     for layer in cache.compactable for i in digits}
         compact_result(session, ids, spec)
-        held = cache.physical_len
-        kept[pin] = all(
-            ((cache.layers[layer].keys[0, head, :held] == key[head]).all(-1)
-             & (cache.layers[layer].values[0, head, :held] == value[head]).all(-1)).any()
-            for (layer, _), (key, value) in original.items() for head in range(cache.kv_heads))
+        kept[pin] = all(_held_exactly(cache, layer, key, value) for (layer, _), (key, value) in original.items())
     assert digits and kept == {True: True, False: False}
 
 
