@@ -197,8 +197,8 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
             fits, limit = METHODS[named.solver].fit, int(slots.min()) // 2
             if task_pin and fits and pin_by:
                 protect = task_positions(session, memo[pin_by], start, end, min(task_pin, limit))
-            if fits and span_ids is not None and session.tokenizer is not None and (protect is not None or
-                                                                                  pin_numbers):
+            readable = span_ids is not None and session.tokenizer is not None  # its numbers can be found
+            if fits and readable and (protect is not None or pin_numbers):
                 protect = whole_numbers(torch.zeros(span_len, dtype=torch.bool) if protect is None else protect,
                                         *number_tokens(session.tokenizer, span_ids), limit, every=pin_numbers)
     except (RuntimeError, torch.OutOfMemoryError) as exc:  # a probe that failed: nothing of the cache changed
