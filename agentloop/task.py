@@ -64,7 +64,7 @@ class IngestSpec(BaseModel):
                               "most this many tokens, so the cache never holds more than one piece of it verbatim")
     method: str = Field("am-hak-fast", description="a method of agentloop.compaction.span.NAMED_METHODS")
     chunk_tokens: int | None = Field(None, ge=16, description="compact each piece in chunks of about this many "
-                                     "tokens: faster, but every chunk keeps the same share, which can lose a needle")
+                                     "tokens: faster; each chunk keeps the share of the slots its attention earns")
     task_queries: bool = Field(True, description="also fit the compaction to queries of the pending task text "
                                "and of a short draft reply (a quarter of the fitting rows), and keep the 32 tokens "
                                "where they look (with the few after each) with their original keys and values: "

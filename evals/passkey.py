@@ -81,13 +81,21 @@ def answers_after_compaction(loaded, prefix: list[int], context: list[int], suff
     yield "full", 1, answer(base.fork(), suffix, args.answer_tokens), None
     memo: dict[str, dict] = {}  # query sources collected once per context, shared by every method and ratio
     start, end = len(prefix), len(prefix) + len(context)
-    for method in args.methods:
+    for label, method, part_budgets in variants(args):
         for ratio in args.ratios:
             session = base.fork()
             stats = compact_span(session, start, end, 1.0 / ratio, method=method, context_ids=context, memo=memo,
-                                 max_queries=args.max_queries, seed=seed,
-                                 task_ids=suffix if args.question_aware else None)
-            yield method, ratio, answer(session, suffix, args.answer_tokens), round(sum(stats.seconds.values()), 2)
+                                 max_queries=args.max_queries, seed=seed, chunk=getattr(args, "chunk", 0) or None,
+                                 part_budgets=part_budgets, task_ids=suffix if args.question_aware else None)
+            yield label, ratio, answer(session, suffix, args.answer_tokens), round(sum(stats.seconds.values()), 2)
+
+
+def variants(args) -> list[tuple[str, str, str]]:
+    """(row label, method, part budgets) per compaction compared: a method per part-budget setting, labelled
+    "method/setting" when several are compared."""
+    settings = getattr(args, "part_budgets", ["attention"])
+    return [(method if len(settings) == 1 else f"{method}/{setting}", method, setting)
+            for method in args.methods for setting in settings]
 
 
 def digits_heading(note: str = "") -> str:
@@ -115,6 +123,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from agentloop.compaction.span import PART_BUDGETS
     from agentloop.evals import EvalParser, add_output_options, add_query_option, count, whole
 
     parser = EvalParser(prog="agentloop eval passkey", description=__doc__)
@@ -129,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="compact knowing the question: its queries and those of the model's draft answer "
                              "(on the full cache) hold a quarter of the fitting rows (compact_span(..., "
                              "task_ids=question)); default: the compaction does not see the question")
+    parser.add_argument("--chunk", type=whole, default=0,
+                        help="compact the context in chunks of about this many tokens (0: in one piece)")
+    parser.add_argument("--part-budgets", nargs="+", choices=PART_BUDGETS, default=["attention"],
+                        help="how a chunked compaction shares each head's slots over the chunks: by the queries' "
+                             "attention or by length (several: each is a row, compared on the same trials)")
     parser.add_argument("--answer-tokens", type=count, default=8)
     parser.add_argument("--seed", type=whole, default=0)
     parser.add_argument("--resume", action="store_true",
@@ -172,10 +186,11 @@ def _earlier_records(args) -> list[dict]:
     from agentloop.evals import earlier_records
 
     same = ("model", "min_tokens", "max_tokens", "methods", "ratios", "max_queries", "answer_tokens", "seed",
-            "question_aware", "task_queries")
+            "question_aware", "task_queries", "chunk", "part_budgets")
     # settings that runs from before they were recorded did not name: what the code did then
-    older = {"question_aware": False, "task_queries": SAMPLED_DRAFT if args.question_aware else None}
-    return earlier_records(args, same, lambda r: r["trial"], 1 + len(args.methods) * len(args.ratios), older)
+    older = {"question_aware": False, "task_queries": SAMPLED_DRAFT if args.question_aware else None, "chunk": 0,
+             "part_budgets": ["attention"]}
+    return earlier_records(args, same, lambda r: r["trial"], 1 + len(variants(args)) * len(args.ratios), older)
 
 
 def _report(args, records: list[dict], argv: list[str] | None) -> str:
@@ -185,7 +200,8 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
 
     trials = len({r["trial"] for r in records})
     summary = {}
-    for method in ["full", *args.methods]:
+    labels = [label for label, _, _ in variants(args)]
+    for method in ["full", *labels]:
         for ratio in ([1] if method == "full" else args.ratios):
             sel = [r for r in records if r["method"] == method and r["ratio"] == ratio]
             k = sum(r["correct"] for r in sel)
@@ -198,6 +214,9 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
             f"of up to {TASK_DRAFT} tokens, read on the full cache, hold {TASK_SHARE:.0%} of the fitting rows), then "
             "the question is asked" if aware else
             "the context span is compacted, then the question is asked")
+    if getattr(args, "chunk", 0):
+        when += (f" (in chunks of about {args.chunk} tokens, each head's slots shared over them by "
+                 + " or by ".join(args.part_budgets) + ")")
     lines = [f"# Passkey retrieval after one-shot compaction{', question-aware' if aware else ''} ({args.model})", "",
              (f"{trials} trials; a five-digit pass key at a random depth of {args.min_tokens}-{args.max_tokens} tokens "
               f"of prose; {when}. Uncompacted cache: **{full_acc:.0%}**. Reference queries per KV head: "
@@ -206,14 +225,14 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
     for metric in ("accuracy", "digits"):
         if metric == "digits":
             lines += ["", digits_heading(f"uncompacted {summary['full']['1']['digits']:.2f}; ")]
-        lines += [""] + metric_table(summary, args.methods, args.ratios, [f"{r}x" for r in args.ratios], "method", metric)
+        lines += [""] + metric_table(summary, labels, args.ratios, [f"{r}x" for r in args.ratios], "method", metric)
     command = ("agentloop eval passkey " + " ".join(argv or [])).strip()
     lines += ["", f"95% Wilson intervals and every answer are in {args.name}.json. Reproduce: `{command}`"]
     text = "\n".join(lines)
     if not args.no_write:
         write_results(args.name, {"benchmark": "passkey", "config": vars(args), "trials": trials, "summary": summary,
                                   "records": records, "command": command}, text)
-        _plot(summary, args.methods, args.ratios, full_acc, results_dir() / f"{args.name}.png")
+        _plot(summary, labels, args.ratios, full_acc, results_dir() / f"{args.name}.png")
     return text
 
 

@@ -138,17 +138,18 @@ def _compacted(model, budgets=None, target=4, **kwargs):
     return session, stats
 
 
-@pytest.mark.parametrize("chunk", [None, 16])
-def test_layers_are_stored_at_their_largest_head_budget(tiny_llama, chunk):
-    session, stats = _compacted(tiny_llama, BUDGETS, chunk=chunk)
+@pytest.mark.parametrize("chunk, part_budgets", [(None, "attention"), (16, "attention"), (16, "length")])
+def test_layers_are_stored_at_their_largest_head_budget(tiny_llama, chunk, part_budgets):
+    session, stats = _compacted(tiny_llama, BUDGETS, chunk=chunk, part_budgets=part_budgets)
     cache = session.cache
     real = torch.stack([torch.isfinite(cache.layers[i].beta[0, :, START:START + n]).sum(-1)
                         for i, n in zip(cache.compactable, stats.layer_slots, strict=True)])  # [layers, kv_heads]
-    if chunk is None:
-        assert torch.equal(real, BUDGETS) and stats.layer_slots == [6, 4, 7] and stats.kept == 7
-    else:  # each chunk keeps its rounded share of a head's budget, at least one slot, as uniform chunking does
+    if part_budgets == "attention":  # each head holds its budget exactly, however its chunks share it (one at least)
+        least = 1 if chunk is None else 3  # 40 slots, 3 chunks
+        assert torch.equal(real, BUDGETS.clamp(min=least)) and stats.layer_slots == [6, 4, 7] and stats.kept == 7
+    else:  # each chunk keeps its rounded share of a head's budget, at least one slot
         shares = [(BUDGETS * n / (END - START)).round().clamp(min=1) for n in (13, 14, 13)]  # 40 slots, 3 chunks
-        assert torch.equal(real, sum(shares).long())
+        assert torch.equal(real, sum(shares).long()) and not torch.equal(real, BUDGETS)
     assert stats.layer_slots == real.amax(1).tolist()
     assert stats.padding_fraction == pytest.approx(1 - int(real.sum()) / (2 * sum(stats.layer_slots)))
     element = cache.layers[0].keys.element_size()

@@ -60,7 +60,7 @@ def _resume_args(**settings):
     from argparse import Namespace
 
     base = dict(model="m", min_tokens=10, max_tokens=20, methods=["am-hak-fast"], ratios=[2], max_queries=16384,
-                answer_tokens=8, seed=0, question_aware=True, name="run")
+                answer_tokens=8, seed=0, question_aware=True, chunk=0, part_budgets=["attention"], name="run")
     return Namespace(**{**base, **settings})
 
 

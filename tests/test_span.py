@@ -268,3 +268,39 @@ def _assert_same_rows(a: torch.Tensor, b: torch.Tensor) -> None:
         return q.gather(1, order[..., None].expand_as(q))
     assert a.shape == b.shape
     torch.testing.assert_close(canonical(a), canonical(b), atol=1e-5, rtol=1e-5)
+
+
+def test_split_budget_follows_the_shares_within_floors_and_caps():
+    from agentloop.compaction.span import split_budget
+
+    shares = torch.tensor([[0.7, 0.25], [0.2, 0.25], [0.1, 0.5]])  # [parts, heads]
+    caps, floors = torch.tensor([4, 10, 10]), torch.tensor([1, 1, 1])
+    slots = split_budget(torch.tensor([10, 8]), shares, floors, caps)
+    # head 0: the first part is capped at 4, the other 6 go 2 : 1; head 1: 2 : 2 : 4
+    assert slots[:, 0].tolist() == [4, 4, 2] and slots[:, 1].tolist() == [2, 2, 4]
+    assert split_budget(torch.tensor([2]), shares[:, :1], torch.tensor([1, 1, 3]), caps)[:, 0].tolist() == [1, 1, 3]
+    assert split_budget(torch.tensor([40]), shares[:, :1], floors, caps)[:, 0].tolist() == [4, 10, 10]
+    uneven = split_budget(torch.tensor([7]), torch.tensor([[1 / 3], [1 / 3], [1 / 3]]), floors, caps)
+    assert int(uneven.sum()) == 7 and sorted(uneven[:, 0].tolist()) == [2, 2, 3]
+
+
+@pytest.mark.parametrize("part_budgets, least", [("attention", 10), ("length", 4)])
+def test_chunked_compaction_gives_its_slots_to_the_chunk_the_queries_attend(tiny_llama, part_budgets, least):
+    # queries that look at the third of four 16-slot chunks: with attention budgets that chunk keeps most of each
+    # head's 16 slots (the others at least one each); with length budgets every chunk keeps 4
+    session, originals = _session(tiny_llama, 64), _session(tiny_llama, 64)
+    cache = session.cache
+    queries = {i: 8 * cache.layers[i].keys[0, :, 32:48].float() for i in cache.compactable}  # [kv_heads, 16, d]
+    compact_span(session, 0, 64, 0.25, method="am-hak-fast", queries=queries, chunk=16, part_budgets=part_budgets)
+    for layer in cache.compactable:
+        for head in range(cache.kv_heads):
+            kept = cache.layers[layer].keys[0, head, :16]
+            before = originals.cache.layers[layer].keys[0, head, :64]
+            source = (kept[:, None] == before[None]).all(-1).float().argmax(-1)  # [16]: the original slot of each key
+            from_third = int(((source >= 32) & (source < 48)).sum())
+            assert from_third >= least and (part_budgets == "attention" or from_third == least), (layer, head)
+
+
+def test_unknown_part_budgets_is_refused(tiny_llama):
+    with pytest.raises(ValueError, match="unknown part_budgets"):
+        compact_span(_session(tiny_llama), 0, 48, 0.5, chunk=16, part_budgets="equal")

@@ -26,6 +26,7 @@ TASK_DRAFT = 16  # tokens the model drafts (greedily) after that text on the unc
 TASK_WINDOW = (2, 8)  # ... each with the tokens up to this far before and after it: an answer follows its cue
 # ("the pass key is" -> the digits, read one token at a time), so the window reaches further forward (task_pin)
 NUMBER_LEAD = 3  # tokens before a number pinned with it (and the one after) when every number is pinned (pin_numbers)
+PART_BUDGETS = ("attention", "length")  # how a span compacted in parts shares each head's budget over them
 SS_PLUS_REPEAT: QuerySources = (("repeat", 1.0), ("selfstudy", 4.0))  # the paper's mix: repeat is 1 of 5 specs
 
 
@@ -140,7 +141,7 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                  memo: dict[str, dict] | None = None, budgets: torch.Tensor | None = None,
                  task_ids: list[int] | None = None, task_share: float = TASK_SHARE, task_pin: int = 0,
                  span_ids: list[int] | None = None, pin_numbers: bool = False, scratch_bytes: int | None = None,
-                 fallback: str | None = None,
+                 fallback: str | None = None, part_budgets: str = "attention",
                  **knobs) -> SpanStats:
     """Replace physical slots [start, end) of every compactable layer by a compacted block, in place.
 
@@ -160,6 +161,9 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     `budgets` [layers, kv_heads] (slots per compactable head, see compaction.budgets.head_budgets) replaces the
     uniform `target`: each layer then holds the span at its largest head budget, and its other heads are
     padded with slots of key 0, value 0 and β = −inf (no attention, but they count toward the bytes).
+    A span compacted in parts (`chunk`, or key chunks for the scratch) shares each head's budget out over the parts
+    by `part_budgets`: "attention" in proportion to the share of the queries' attention each part gets in that head
+    (and at least its pinned tokens), "length" in proportion to the parts' lengths.
 
     Scratch stays within `scratch_bytes` (default: the session budget's fit bytes): heads are compacted a chunk at a
     time from the cache's own buffers, each chunk written back in place before the next is read, and a span too
@@ -169,6 +173,8 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     heads are evicted so that the cache stays whole, then the interrupt goes on."""
     if method not in NAMED_METHODS:
         raise ValueError(f"unknown compaction method {method!r}; choose one of {', '.join(NAMED_METHODS)}")
+    if part_budgets not in PART_BUDGETS:
+        raise ValueError(f"unknown part_budgets {part_budgets!r}; choose one of {', '.join(PART_BUDGETS)}")
     named = NAMED_METHODS[method]
     cache, layers = session.cache, session.cache.compactable
     span_len = end - start
@@ -211,9 +217,7 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     if chunk is None and fallback is None:  # a span too long for one head's matrices is fitted in key chunks
         chunk = _part_length(rows, span_len, int(slots.max()), scratch, cache.head_dim)
     bounds = _chunks(span_len, chunk)
-    # slots of each part per head: each head's budget shared out in proportion to the parts
-    part_slots = [slots if len(bounds) == 1 else (slots.double() * (hi - lo) / span_len).round().long().clamp(1, hi - lo)
-                  for lo, hi in bounds]
+    part_slots = _part_slots(session, slots, bounds, start, queries, scale, scratch, protect, part_budgets)
     real_slots = torch.stack(part_slots).sum(0)  # [layers * kv_heads]
     layer_slots = real_slots.view(len(layers), heads).amax(1).tolist()  # each layer keeps its largest head budget
     per_head = head_bytes(rows, max(hi - lo for lo, hi in bounds), int(max(p.max() for p in part_slots)),
@@ -456,6 +460,67 @@ def _head_slots(budgets: torch.Tensor | None, kept: int, layers: int, heads: int
         raise ValueError(f"budgets must be [{layers}, {heads}] (compactable layers, KV heads) slot counts in "
                          f"[1, {span_len}], got shape {tuple(budgets.shape)}")
     return budgets.long().cpu().flatten()
+
+
+def _part_slots(session, slots: torch.Tensor, bounds: list[tuple[int, int]], start: int, queries, scale: float,
+                scratch: int, protect: torch.Tensor | None, part_budgets: str) -> list[torch.Tensor]:
+    """Slots of each part per stacked head: [layers * kv_heads] per part, summing to `slots` per head where the
+    parts' bounds allow. "length" (or no queries): in proportion to the parts' lengths, at least 1 each;
+    "attention": in proportion to each part's share of the queries' attention to the span in that head
+    (`part_attention`), at least 1 and the part's pinned tokens, at most its length."""
+    if len(bounds) == 1:
+        return [slots]
+    lengths = torch.tensor([hi - lo for lo, hi in bounds])
+    if part_budgets == "length" or not queries:
+        span_len = int(lengths.sum())
+        return [(slots.double() * (hi - lo) / span_len).round().long().clamp(1, hi - lo) for lo, hi in bounds]
+    shares = part_attention(session, bounds, start, queries, scale, scratch)  # [parts, layers * kv_heads]
+    pinned = torch.tensor([int(protect[lo:hi].sum()) if protect is not None else 0 for lo, hi in bounds])
+    floors = pinned.clamp(min=1).minimum(lengths)
+    return list(split_budget(slots, shares, floors, lengths).unbind(0))
+
+
+def part_attention(session, bounds: list[tuple[int, int]], start: int, queries, scale: float,
+                   scratch: int) -> torch.Tensor:
+    """[parts, layers * kv_heads]: the mean over each head's query rows of the share of the row's attention to the
+    span (slots start + bounds) that falls on each part (β included)."""
+    cache = session.cache
+    shares = []
+    for layer_idx in cache.compactable:
+        layer = cache.layers[layer_idx]
+        for head in range(cache.kv_heads):
+            Q = queries.rows(layer_idx, head)[None].float()  # [1, n, d]
+            lse = []
+            for lo, hi in bounds:
+                K = layer.key_buffer[0, head, start + lo:start + hi][None].to(Q.device)  # [1, part, d]
+                beta = layer.beta_buffer[0, head, start + lo:start + hi][None] if layer.has_beta else None
+                lse.append(row_max_lse(Q, K, scale, beta, scratch)[1][0])  # [n]
+            shares.append(torch.stack(lse).softmax(0).mean(1).cpu())  # [parts]
+    return torch.stack(shares, dim=1).double()
+
+
+def split_budget(totals: torch.Tensor, shares: torch.Tensor, floors: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
+    """Integer slots [parts, heads]: each head's total (`totals` [heads]) shared out in proportion to `shares`
+    [parts, heads], each part within [floors, caps] ([parts]); a head's parts sum to its total unless the floors
+    already pass it (then they get their floors) or the caps fall short of it (then their caps).
+
+    Water-filling: x = clamp(λ · share, floor, cap) with λ per head found by bisection, then the parts' whole slots
+    and the rest, one each, to the parts with the largest fractions."""
+    floors, caps = floors.double()[:, None], caps.double()[:, None]
+    goal = totals.double().clamp(float(floors.sum()), float(caps.sum()))  # [heads]
+    lo, hi = torch.zeros_like(goal), torch.full_like(goal, float(caps.max()) / max(float(shares.min()), 1e-12))
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        under = (mid * shares).clamp(floors, caps).sum(0) < goal
+        lo, hi = torch.where(under, mid, lo), torch.where(under, hi, mid)
+    x = (hi * shares).clamp(floors, caps)  # [parts, heads]
+    whole = x.floor().minimum(caps)
+    rest = (goal - whole.sum(0)).round().long()  # [heads]: slots still to give, one each
+    fraction = (x - whole).masked_fill(whole >= caps, -1.0)
+    for head in range(whole.shape[1]):
+        if rest[head] > 0:
+            whole[fraction[:, head].topk(int(rest[head])).indices, head] += 1
+    return whole.long()
 
 
 def _chunks(length: int, chunk: int | None) -> list[tuple[int, int]]:
