@@ -8,6 +8,8 @@ no method saw. Errors are averaged over layers, KV heads and queries, then over 
 With `--budgets FILE...` (see agentloop.compaction.budgets) every method also runs with the non-uniform head
 budgets of each file: "METHOD + FILE" keeps as many real slots as uniform (padding makes it hold more bytes),
 and "METHOD + FILE @bytes" keeps fewer real slots, so that padded it holds at most the bytes of uniform.
+With `--chunk N` every method also compacts the span in chunks of about N tokens, each head's slots shared over
+the chunks by its fitting queries' attention ("by attention", compact_span's default) or by the chunks' lengths.
 """
 
 from __future__ import annotations
@@ -51,14 +53,18 @@ def stacked_padded(cache, layers) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return keys, values, beta
 
 
-def variants(methods, budget_files: list[str]) -> list[tuple[str, str, str | None, str | None]]:
-    """(label, method, budget file, mode): every method uniform, then with each file at equal slots and bytes."""
+def variants(methods, budget_files: list[str], chunk: int = 0) -> list[tuple[str, str, str | None, str | None, int, str]]:
+    """(label, method, budget file, mode, chunk, part budgets): every method uniform, then with each file at equal
+    slots and bytes, then (with `chunk`) compacted in chunks with its slots shared by attention and by length."""
     out = []
     for method in methods:
-        out.append((method, method, None, None))
+        out.append((method, method, None, None, 0, "attention"))
         for path in budget_files:
-            out.append((f"{method} + {Path(path).stem}", method, path, "slots"))
-            out.append((f"{method} + {Path(path).stem} @bytes", method, path, "bytes"))
+            out.append((f"{method} + {Path(path).stem}", method, path, "slots", 0, "attention"))
+            out.append((f"{method} + {Path(path).stem} @bytes", method, path, "bytes", 0, "attention"))
+        if chunk:
+            out += [(f"{method} in {chunk}-token chunks, by {how}", method, None, None, chunk, how)
+                    for how in ("attention", "length")]
     return out
 
 
@@ -98,14 +104,15 @@ def run(args) -> dict:
         Qh = torch.cat([held[i] for i in layers])
         proportions = {path: load_budgets(path, (len(layers), original.kv_heads)) for path in args.budgets}
         memo: dict[str, dict] = {}
-        for label, method, path, mode in variants(args.methods, args.budgets):
+        for label, method, path, mode, chunk, part_budgets in variants(args.methods, args.budgets, args.chunk):
             for ratio in args.ratios:
                 if _omp_too_big(method, len(ids), ratio, args.omp_max_kept):
                     continue
                 session.cache = original.copy()
                 budgets = span_budgets(proportions.get(path), mode, len(layers), original.kv_heads, len(ids), ratio)
                 stats = compact_span(session, 0, len(ids), 1.0 / ratio, method=method, memo=memo,
-                                     max_queries=args.max_queries, seed=args.seed, budgets=budgets)
+                                     max_queries=args.max_queries, seed=args.seed, budgets=budgets,
+                                     chunk=chunk or None, part_budgets=part_budgets)
                 Kc, Vc, Bc = stacked_padded(session.cache, layers)
                 output_error, mass_error = evaluate(Qh, K, V, None, Kc, Bc, Vc, scale)
                 real_slots = int(budgets.sum()) if budgets is not None else len(layers) * original.kv_heads * stats.kept
@@ -240,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                         "method with each file's non-uniform head budgets (results go to fidelity_budgets)")
     parser.add_argument("--omp-max-kept", type=count, default=400, help="skip OMP methods where they would keep more "
                         "slots per head (their cost grows as t^4: at 2x of 1600 tokens, >10 min per context here)")
+    parser.add_argument("--chunk", type=whole, default=0, help="also run every method compacting in chunks of this "
+                        "many tokens, its slots shared over them by attention and by length (results go to "
+                        "fidelity_chunked)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
@@ -247,13 +257,14 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     data = run(args)
-    summary = summarize(data["rows"], [label for label, *_ in variants(args.methods, args.budgets)], args.ratios)
+    summary = summarize(data["rows"], [label for label, *_ in variants(args.methods, args.budgets, args.chunk)],
+                        args.ratios)
     command = "agentloop eval fidelity " + " ".join(argv or [])
     text = markdown(summary, args, command.strip())
     print(text)
     if not args.no_write:
         data.update({"benchmark": "fidelity", "config": vars(args), "summary": summary, "command": command.strip()})
-        name = "fidelity_budgets" if args.budgets else "fidelity"
+        name = "fidelity_budgets" if args.budgets else "fidelity_chunked" if args.chunk else "fidelity"
         write_results(name, data, text)
         plot(summary, args.ratios, results_dir() / f"{name}.png")
     return 0

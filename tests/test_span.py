@@ -304,3 +304,27 @@ def test_chunked_compaction_gives_its_slots_to_the_chunk_the_queries_attend(tiny
 def test_unknown_part_budgets_is_refused(tiny_llama):
     with pytest.raises(ValueError, match="unknown part_budgets"):
         compact_span(_session(tiny_llama), 0, 48, 0.5, chunk=16, part_budgets="equal")
+
+
+def _kept_per_chunk(session, originals, chunk=16, span=64, kept=16) -> list[list[int]]:
+    """Per compactable head: how many of the compacted span's `kept` slots hold an original key of each chunk."""
+    counts = []
+    for layer in session.cache.compactable:
+        for head in range(session.cache.kv_heads):
+            keys = session.cache.layers[layer].keys[0, head, :kept]
+            before = originals.cache.layers[layer].keys[0, head, :span]
+            source = (keys[:, None] == before[None]).all(-1).float().argmax(-1)  # [kept]: original slot of each key
+            counts.append(torch.bincount(source // chunk, minlength=span // chunk).tolist())
+    return counts
+
+
+def test_chunks_by_attention_keep_what_one_selection_over_the_span_keeps(tiny_llama):
+    # am-hak-fast in 16-slot chunks with attention budgets keeps, in every head, as many keys of each chunk as the
+    # same method keeps from it compacting the span in one piece (where that is at least one per chunk)
+    originals, whole, chunked = (_session(tiny_llama, 64) for _ in range(3))
+    compact_span(whole, 0, 64, 0.25, method="am-hak-fast", seed=1)
+    compact_span(chunked, 0, 64, 0.25, method="am-hak-fast", seed=1, chunk=16)
+    one_piece, by_chunk = _kept_per_chunk(whole, originals), _kept_per_chunk(chunked, originals)
+    compared = [(a, b) for a, b in zip(one_piece, by_chunk, strict=True) if min(a) >= 1]
+    assert len(compared) >= len(one_piece) // 2 and all(a == b for a, b in compared), compared
+    assert any(len(set(a)) > 1 for a, _ in compared)  # the selection is not spread evenly: chunks differ

@@ -27,6 +27,7 @@ TASK_WINDOW = (2, 8)  # ... each with the tokens up to this far before and after
 # ("the pass key is" -> the digits, read one token at a time), so the window reaches further forward (task_pin)
 NUMBER_LEAD = 3  # tokens before a number pinned with it (and the one after) when every number is pinned (pin_numbers)
 PART_BUDGETS = ("attention", "length")  # how a span compacted in parts shares each head's budget over them
+SELECTION_ROWS = 1024  # query rows (evenly strided) that score the whole span's keys when its parts' budgets are set
 SS_PLUS_REPEAT: QuerySources = (("repeat", 1.0), ("selfstudy", 4.0))  # the paper's mix: repeat is 1 of 5 specs
 
 
@@ -162,8 +163,8 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     uniform `target`: each layer then holds the span at its largest head budget, and its other heads are
     padded with slots of key 0, value 0 and β = −inf (no attention, but they count toward the bytes).
     A span compacted in parts (`chunk`, or key chunks for the scratch) shares each head's budget out over the parts
-    by `part_budgets`: "attention" in proportion to the share of the queries' attention each part gets in that head
-    (and at least its pinned tokens), "length" in proportion to the parts' lengths.
+    by `part_budgets`: "attention" gives each part as many as it holds of the keys one selection over the whole span
+    would keep (and at least its pinned tokens), "length" shares them in proportion to the parts' lengths.
 
     Scratch stays within `scratch_bytes` (default: the session budget's fit bytes): heads are compacted a chunk at a
     time from the cache's own buffers, each chunk written back in place before the next is read, and a span too
@@ -464,39 +465,49 @@ def _head_slots(budgets: torch.Tensor | None, kept: int, layers: int, heads: int
 
 def _part_slots(session, slots: torch.Tensor, bounds: list[tuple[int, int]], start: int, queries, scale: float,
                 scratch: int, protect: torch.Tensor | None, part_budgets: str) -> list[torch.Tensor]:
-    """Slots of each part per stacked head: [layers * kv_heads] per part, summing to `slots` per head where the
-    parts' bounds allow. "length" (or no queries): in proportion to the parts' lengths, at least 1 each;
-    "attention": in proportion to each part's share of the queries' attention to the span in that head
-    (`part_attention`), at least 1 and the part's pinned tokens, at most its length."""
+    """Slots of each part per stacked head: [layers * kv_heads] per part. "length" (or no queries): in proportion to
+    the parts' lengths, at least 1 each; "attention": as many as the part holds of the keys that one selection over
+    the whole span would keep (`span_selection`), at least 1 and its pinned tokens, at most its length, summing to
+    `slots` per head where those bounds allow."""
     if len(bounds) == 1:
         return [slots]
     lengths = torch.tensor([hi - lo for lo, hi in bounds])
     if part_budgets == "length" or not queries:
         span_len = int(lengths.sum())
         return [(slots.double() * (hi - lo) / span_len).round().long().clamp(1, hi - lo) for lo, hi in bounds]
-    shares = part_attention(session, bounds, start, queries, scale, scratch)  # [parts, layers * kv_heads]
+    kept = span_selection(session, slots, start, start + int(lengths.sum()), queries, scale, scratch, protect)
+    held = torch.stack([kept[:, lo:hi].sum(1) for lo, hi in bounds]).double()  # [parts, layers * kv_heads]
     pinned = torch.tensor([int(protect[lo:hi].sum()) if protect is not None else 0 for lo, hi in bounds])
     floors = pinned.clamp(min=1).minimum(lengths)
-    return list(split_budget(slots, shares, floors, lengths).unbind(0))
+    return list(split_budget(slots, held + 1e-3, floors, lengths).unbind(0))
 
 
-def part_attention(session, bounds: list[tuple[int, int]], start: int, queries, scale: float,
-                   scratch: int) -> torch.Tensor:
-    """[parts, layers * kv_heads]: the mean over each head's query rows of the share of the row's attention to the
-    span (slots start + bounds) that falls on each part (β included)."""
-    cache = session.cache
-    shares = []
-    for layer_idx in cache.compactable:
+def span_selection(session, slots: torch.Tensor, start: int, end: int, queries, scale: float, scratch: int,
+                   protect: torch.Tensor | None = None) -> torch.Tensor:
+    """[layers * kv_heads, end - start] bool: in each head, the `slots[head]` keys of slots [start, end) with the
+    highest root-mean-square attention weight over the query rows (a softmax over the whole span, β included;
+    at most SELECTION_ROWS rows, evenly strided), the `protect`ed ones first: what am-hak-fast's selection would
+    keep from the span in one piece."""
+    cache, span_len = session.cache, end - start
+    kept = torch.zeros(len(cache.compactable) * cache.kv_heads, span_len, dtype=torch.bool)
+    for layer_pos, layer_idx in enumerate(cache.compactable):
         layer = cache.layers[layer_idx]
         for head in range(cache.kv_heads):
-            Q = queries.rows(layer_idx, head)[None].float()  # [1, n, d]
-            lse = []
-            for lo, hi in bounds:
-                K = layer.key_buffer[0, head, start + lo:start + hi][None].to(Q.device)  # [1, part, d]
-                beta = layer.beta_buffer[0, head, start + lo:start + hi][None] if layer.has_beta else None
-                lse.append(row_max_lse(Q, K, scale, beta, scratch)[1][0])  # [n]
-            shares.append(torch.stack(lse).softmax(0).mean(1).cpu())  # [parts]
-    return torch.stack(shares, dim=1).double()
+            rows = queries.rows(layer_idx, head)
+            Q = rows[::max(1, -(-rows.shape[0] // SELECTION_ROWS))][None].float()  # [1, n, d]
+            K = layer.key_buffer[0, head, start:end][None].to(Q.device)  # [1, T, d]
+            beta = layer.beta_buffer[0, head, start:end][None].float() if layer.has_beta else None
+            lse = row_max_lse(Q, K, scale, beta, scratch)[1]  # [1, n]
+            block = max(1, min(span_len, scratch // (8 * Q.shape[1])))
+            score = torch.cat([
+                (Q @ K[:, lo:lo + block].float().mT * scale
+                 + (beta[:, None, lo:lo + block] if beta is not None else 0) - lse[..., None]).exp().square().mean(1)[0]
+                for lo in range(0, span_len, block)]).cpu()  # [T]
+            if protect is not None:
+                score = score.masked_fill(protect, math.inf)
+            stacked = layer_pos * cache.kv_heads + head
+            kept[stacked, score.topk(int(slots[stacked])).indices] = True
+    return kept
 
 
 def split_budget(totals: torch.Tensor, shares: torch.Tensor, floors: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
