@@ -499,10 +499,13 @@ def span_selection(session, slots: torch.Tensor, start: int, end: int, queries, 
             beta = layer.beta_buffer[0, head, start:end][None].float() if layer.has_beta else None
             lse = row_max_lse(Q, K, scale, beta, scratch)[1]  # [1, n]
             block = max(1, min(span_len, scratch // (8 * Q.shape[1])))
-            score = torch.cat([
-                (Q @ K[:, lo:lo + block].float().mT * scale
-                 + (beta[:, None, lo:lo + block] if beta is not None else 0) - lse[..., None]).exp().square().mean(1)[0]
-                for lo in range(0, span_len, block)]).cpu()  # [T]
+            weights = []  # per key block: each key's mean squared softmax weight over the rows
+            for lo in range(0, span_len, block):
+                logits = Q @ K[:, lo:lo + block].float().mT * scale - lse[..., None]  # [1, n, block]
+                if beta is not None:
+                    logits += beta[:, None, lo:lo + block]
+                weights.append(logits.exp_().square_().mean(1)[0].cpu())
+            score = torch.cat(weights)  # [T]
             if protect is not None:
                 score = score.masked_fill(protect, math.inf)
             stacked = layer_pos * cache.kv_heads + head
