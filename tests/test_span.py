@@ -306,25 +306,31 @@ def test_unknown_part_budgets_is_refused(tiny_llama):
         compact_span(_session(tiny_llama), 0, 48, 0.5, chunk=16, part_budgets="equal")
 
 
-def _kept_per_chunk(session, originals, chunk=16, span=64, kept=16) -> list[list[int]]:
-    """Per compactable head: how many of the compacted span's `kept` slots hold an original key of each chunk."""
-    counts = []
+def _kept_sources(session, originals, span=64, kept=16) -> list[list[int]]:
+    """Per compactable head: the original slots whose keys the compacted span's `kept` slots hold, sorted."""
+    sources = []
     for layer in session.cache.compactable:
         for head in range(session.cache.kv_heads):
             keys = session.cache.layers[layer].keys[0, head, :kept]
             before = originals.cache.layers[layer].keys[0, head, :span]
             source = (keys[:, None] == before[None]).all(-1).float().argmax(-1)  # [kept]: original slot of each key
-            counts.append(torch.bincount(source // chunk, minlength=span // chunk).tolist())
-    return counts
+            sources.append(sorted(source.tolist()))
+    return sources
 
 
-def test_chunks_by_attention_keep_what_one_selection_over_the_span_keeps(tiny_llama):
-    # am-hak-fast in 16-slot chunks with attention budgets keeps, in every head, as many keys of each chunk as the
-    # same method keeps from it compacting the span in one piece (where that is at least one per chunk)
+@pytest.mark.parametrize("part_budgets", ["attention", "length"])
+def test_chunks_by_attention_keep_the_keys_one_selection_over_the_span_keeps(tiny_llama, part_budgets):
+    # am-hak-fast in 16-slot chunks with attention budgets keeps, in every head, the very keys the same method keeps
+    # compacting the span in one piece (where those are at least one per chunk: each chunk keeps one at least);
+    # with length budgets (4 per chunk) the heads whose one-piece selection is uneven over the chunks differ
     originals, whole, chunked = (_session(tiny_llama, 64) for _ in range(3))
     compact_span(whole, 0, 64, 0.25, method="am-hak-fast", seed=1)
-    compact_span(chunked, 0, 64, 0.25, method="am-hak-fast", seed=1, chunk=16)
-    one_piece, by_chunk = _kept_per_chunk(whole, originals), _kept_per_chunk(chunked, originals)
-    compared = [(a, b) for a, b in zip(one_piece, by_chunk, strict=True) if min(a) >= 1]
-    assert len(compared) >= len(one_piece) // 2 and all(a == b for a, b in compared), compared
-    assert any(len(set(a)) > 1 for a, _ in compared)  # the selection is not spread evenly: chunks differ
+    compact_span(chunked, 0, 64, 0.25, method="am-hak-fast", seed=1, chunk=16, part_budgets=part_budgets)
+    pairs = [(a, b) for a, b in zip(_kept_sources(whole, originals), _kept_sources(chunked, originals), strict=True)
+             if len({slot // 16 for slot in a}) == 4]
+    uneven = [(a, b) for a, b in pairs if torch.bincount(torch.tensor(a) // 16).tolist() != [4, 4, 4, 4]]
+    assert len(pairs) >= 3 and uneven, pairs
+    if part_budgets == "attention":
+        assert all(a == b for a, b in pairs), pairs
+    else:
+        assert all(a != b for a, b in uneven), uneven

@@ -78,11 +78,12 @@ def attend(Q: Tensor, K: Tensor, V: Tensor, scale: float, bias: Tensor | None = 
 
 
 def _reference(Q: Tensor, K: Tensor, V: Tensor, scale: float, bias: Tensor | None,
-               score: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+               score: str | None, span_lse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The original attention on the queries, a block of query rows at a time (E is never held whole): row max and
     mass of the logits ([H, n], mass = Σ exp(S − rowmax)), outputs [H, n, dv], and with `score` ("rms", "mean",
     "max") each key's score over the queries of its softmax weights [H, T]: their root mean square, mean or
-    maximum."""
+    maximum. With `span_lse` [H, n] (K is one part of a longer span) the weights are those of a softmax over the
+    whole span, so that a query that hardly looks at this part hardly weighs in its scores."""
     H, n, _ = Q.shape
     T = K.shape[1]
     rows = max(1, ROW_BLOCK_BYTES[Q.device.type == "cuda"] // (4 * H * T))
@@ -96,8 +97,11 @@ def _reference(Q: Tensor, K: Tensor, V: Tensor, scale: float, bias: Tensor | Non
         block_mass = E.sum(-1)
         rowmax[:, lo:lo + rows], mass[:, lo:lo + rows] = block_max, block_mass
         out[:, lo:lo + rows] = torch.bmm(E, V).div_(block_mass[..., None])
-        if score is not None:
-            A = E.div_(block_mass[..., None])  # softmax weights
+        if score is not None:  # softmax weights, over this part or (span_lse) over the whole span
+            if span_lse is None:
+                A = E.div_(block_mass[..., None])
+            else:
+                A = E.mul_((block_max - span_lse[:, lo:lo + rows]).exp_()[..., None])
             if score == "max":
                 torch.maximum(scores, A.amax(1), out=scores)
             else:
@@ -587,7 +591,8 @@ def _compact_chunk(Q: Tensor, K: Tensor, V: Tensor, budgets: Tensor, t: int, sca
         clock = now
 
     ranks = method.selector == "attention" and fixed_idx is None
-    rowmax, mass, ref_out, scores = _reference(Q, K, V, scale, bias, method.score if ranks else None)  # [h, n], ...
+    rowmax, mass, ref_out, scores = _reference(Q, K, V, scale, bias, method.score if ranks else None,
+                                               span[1] if span is not None else None)  # [h, n], ...
     ref_lse, shift, share = rowmax + mass.log(), rowmax, None
     if span is not None:  # one part of a longer span: E shifted by the span's row max, so that each query weighs in
         span_max, span_lse = span  # the fits by its attention to this part, as it would in one fit of the span
