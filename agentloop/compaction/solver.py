@@ -701,8 +701,9 @@ def compact(Q: Tensor, K: Tensor, V: Tensor, t: int, scale: float, bias: Tensor 
     `knobs` override the method's fields. Works in float32; heads are solved in memory-bounded chunks.
     `budgets` [H] (integers in [1, t]) gives head h only budgets[h] real slots, the rest of its t slots padding:
     a head's block equals that of compacting it alone to its budget, padded (see the module docstring).
-    `span` (row max, log-sum-exp [H, n], see `row_max_lse`) says K, V are one part of a longer span: the fits
-    then weigh each query by this part's share of its attention to the whole span. `protect` [H, T] bool: keys kept
+    `span` (row max, log-sum-exp [H, n], see `row_max_lse`) says K, V are one part of a longer span: keys are then
+    ranked by their weight in a softmax over the whole span, and the fits weigh each query by this part's share of
+    its attention to the whole span. `protect` [H, T] bool: keys kept
     with their original values (see the module docstring)."""
     H, T, _ = K.shape
     if not 0 < t <= T:
