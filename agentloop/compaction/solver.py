@@ -455,11 +455,17 @@ def _pursue(E: Tensor, mass: Tensor, budgets: Tensor, t: int, unbiasing: Tensor,
 # ----------------------------------------------------------------------------------------------------
 # public per-stage functions (each recomputes E for the heads it is given)
 
+def key_scores(Q: Tensor, K: Tensor, scale: float, bias: Tensor | None = None, score: str = "rms") -> Tensor:
+    """Each key's RMS (or mean, max) softmax weight over the queries: [H, T]."""
+    no_values = K.new_empty(*K.shape[:2], 0)  # only the scores are wanted: outputs of width 0
+    return _reference(Q.float(), K.float(), no_values.float(), scale, bias.float() if bias is not None else None,
+                      score)[3]
+
+
 def select_highest_attention(Q: Tensor, K: Tensor, t: int, scale: float, bias: Tensor | None = None,
                              score: str = "rms") -> Tensor:
     """The t keys with the highest RMS (or mean, max) softmax weight over the queries: idx [H, t], ascending."""
-    no_values = K.new_empty(*K.shape[:2], 0)  # only the scores are wanted: outputs of width 0
-    return _top_keys(_reference(Q, K, no_values, scale, bias, score)[3], t)
+    return _top_keys(key_scores(Q, K, scale, bias, score), t)
 
 
 def select_omp(Q: Tensor, K: Tensor, t: int, scale: float, bias: Tensor | None = None, k_choice: int = 1,

@@ -14,7 +14,17 @@ from dataclasses import dataclass, field
 import torch
 
 from agentloop.compaction.queries import QueryMix, mix, repeat_queries, self_study_queries
-from agentloop.compaction.solver import CHUNK_BYTES, METHODS, SINKS, STAGES, compact, default_chunk_bytes, head_bytes, row_max_lse
+from agentloop.compaction.solver import (
+    CHUNK_BYTES,
+    METHODS,
+    SINKS,
+    STAGES,
+    compact,
+    default_chunk_bytes,
+    head_bytes,
+    key_scores,
+    row_max_lse,
+)
 
 QuerySources = tuple[tuple[str, float], ...]
 RECENT_WINDOW = 32  # tokens whose queries the `recent` source keeps
@@ -218,7 +228,7 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     if chunk is None and fallback is None:  # a span too long for one head's matrices is fitted in key chunks
         chunk = _part_length(rows, span_len, int(slots.max()), scratch, cache.head_dim)
     bounds = _chunks(span_len, chunk)
-    part_slots = _part_slots(session, slots, bounds, start, queries, scale, scratch, protect, part_budgets)
+    part_slots = _part_slots(session, slots, bounds, start, queries, protect, part_budgets)
     real_slots = torch.stack(part_slots).sum(0)  # [layers * kv_heads]
     layer_slots = real_slots.view(len(layers), heads).amax(1).tolist()  # each layer keeps its largest head budget
     per_head = head_bytes(rows, max(hi - lo for lo, hi in bounds), int(max(p.max() for p in part_slots)),
@@ -463,8 +473,8 @@ def _head_slots(budgets: torch.Tensor | None, kept: int, layers: int, heads: int
     return budgets.long().cpu().flatten()
 
 
-def _part_slots(session, slots: torch.Tensor, bounds: list[tuple[int, int]], start: int, queries, scale: float,
-                scratch: int, protect: torch.Tensor | None, part_budgets: str) -> list[torch.Tensor]:
+def _part_slots(session, slots: torch.Tensor, bounds: list[tuple[int, int]], start: int, queries,
+                protect: torch.Tensor | None, part_budgets: str) -> list[torch.Tensor]:
     """Slots of each part per stacked head: [layers * kv_heads] per part. "length" (or no queries): in proportion to
     the parts' lengths, at least 1 each; "attention": as many as the part holds of the keys that one selection over
     the whole span would keep (`span_selection`), at least 1 and its pinned tokens, at most its length, summing to
@@ -475,41 +485,33 @@ def _part_slots(session, slots: torch.Tensor, bounds: list[tuple[int, int]], sta
     if part_budgets == "length" or not queries:
         span_len = int(lengths.sum())
         return [(slots.double() * (hi - lo) / span_len).round().long().clamp(1, hi - lo) for lo, hi in bounds]
-    kept = span_selection(session, slots, start, start + int(lengths.sum()), queries, scale, scratch, protect)
+    kept = span_selection(session, slots, start, start + int(lengths.sum()), queries, protect)
     held = torch.stack([kept[:, lo:hi].sum(1) for lo, hi in bounds]).double()  # [parts, layers * kv_heads]
     pinned = torch.tensor([int(protect[lo:hi].sum()) if protect is not None else 0 for lo, hi in bounds])
     floors = pinned.clamp(min=1).minimum(lengths)
     return list(split_budget(slots, held + 1e-3, floors, lengths).unbind(0))
 
 
-def span_selection(session, slots: torch.Tensor, start: int, end: int, queries, scale: float, scratch: int,
+def span_selection(session, slots: torch.Tensor, start: int, end: int, queries,
                    protect: torch.Tensor | None = None) -> torch.Tensor:
     """[layers * kv_heads, end - start] bool: in each head, the `slots[head]` keys of slots [start, end) with the
-    highest root-mean-square attention weight over the query rows (a softmax over the whole span, β included;
-    at most SELECTION_ROWS rows, evenly strided), the `protect`ed ones first: what am-hak-fast's selection would
-    keep from the span in one piece."""
-    cache, span_len = session.cache, end - start
-    kept = torch.zeros(len(cache.compactable) * cache.kv_heads, span_len, dtype=torch.bool)
+    highest root-mean-square softmax weight over the query rows (a softmax over the whole span, β included; at most
+    SELECTION_ROWS rows, evenly strided), the `protect`ed ones first: what am-hak-fast's selection would keep from
+    the span in one piece."""
+    cache = session.cache
+    scale = session.model.model.layers[cache.compactable[0]].self_attn.scaling
+    kept = torch.zeros(len(cache.compactable) * cache.kv_heads, end - start, dtype=torch.bool)
     for layer_pos, layer_idx in enumerate(cache.compactable):
         layer = cache.layers[layer_idx]
+        rows = torch.stack([queries.rows(layer_idx, head) for head in range(cache.kv_heads)])  # [kv_heads, n, d]
+        Q = rows[:, ::max(1, -(-rows.shape[1] // SELECTION_ROWS))]
+        beta = layer.beta_buffer[0, :, start:end] if layer.has_beta else None
+        score = key_scores(Q, layer.key_buffer[0, :, start:end].to(Q.device), scale, beta).cpu()  # [kv_heads, T]
+        if protect is not None:
+            score = score.masked_fill(protect, math.inf)
         for head in range(cache.kv_heads):
-            rows = queries.rows(layer_idx, head)
-            Q = rows[::max(1, -(-rows.shape[0] // SELECTION_ROWS))][None].float()  # [1, n, d]
-            K = layer.key_buffer[0, head, start:end][None].to(Q.device)  # [1, T, d]
-            beta = layer.beta_buffer[0, head, start:end][None].float() if layer.has_beta else None
-            lse = row_max_lse(Q, K, scale, beta, scratch)[1]  # [1, n]
-            block = max(1, min(span_len, scratch // (8 * Q.shape[1])))
-            weights = []  # per key block: each key's mean squared softmax weight over the rows
-            for lo in range(0, span_len, block):
-                logits = Q @ K[:, lo:lo + block].float().mT * scale - lse[..., None]  # [1, n, block]
-                if beta is not None:
-                    logits += beta[:, None, lo:lo + block]
-                weights.append(logits.exp_().square_().mean(1)[0].cpu())
-            score = torch.cat(weights)  # [T]
-            if protect is not None:
-                score = score.masked_fill(protect, math.inf)
             stacked = layer_pos * cache.kv_heads + head
-            kept[stacked, score.topk(int(slots[stacked])).indices] = True
+            kept[stacked, score[head].topk(int(slots[stacked])).indices] = True
     return kept
 
 
