@@ -113,8 +113,12 @@ class IngestEvent(_Event):
     piece_start: int = Field(0, description="the piece's first token in the result")
     piece_end: int = Field(0, description="the piece's end (exclusive) in the result")
     span: list[int] = Field(default_factory=list, description="physical slots [start, end) compacted")
-    slots_before: int = 0
+    slots_before: int = Field(0, description="slots of the region compacted: the piece's tokens, and with joint "
+                              "piece budgets the earlier pieces' slots")
     slots_after: int = 0
+    pieces_joined: int = Field(1, description="pieces of the result this compaction covers (joint piece budgets)")
+    result_slots: int = Field(0, description="slots the result holds after this piece (from its first slot, or from "
+                              "this piece's verbatim part if the memory policy compacted the cache during its prefill)")
     bytes_before: int = 0
     bytes_after: int = 0
     seconds: float = 0.0

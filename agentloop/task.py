@@ -62,6 +62,10 @@ class IngestSpec(BaseModel):
     keep_last: int = Field(16, ge=0, description="last tokens of the result kept verbatim")
     piece_tokens: int = Field(2048, ge=64, description="a longer result is prefilled and compacted in pieces of at "
                               "most this many tokens, so the cache never holds more than one piece of it verbatim")
+    piece_budgets: Literal["even", "joint"] = Field("even", description="how a result ingested in several pieces "
+                                                    "shares its slots: `even`, each piece compacted alone at `ratio`; "
+                                                    "`joint`, each piece compacted together with the earlier pieces' "
+                                                    "slots, so the slots go to the pieces the attention goes to")
     method: str = Field("am-hak-fast", description="a method of agentloop.compaction.span.NAMED_METHODS")
     chunk_tokens: int | None = Field(None, ge=16, description="compact each piece in chunks of about this many "
                                      "tokens: faster; each chunk keeps the share of the slots its attention earns")

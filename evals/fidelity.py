@@ -10,6 +10,10 @@ budgets of each file: "METHOD + FILE" keeps as many real slots as uniform (paddi
 and "METHOD + FILE @bytes" keeps fewer real slots, so that padded it holds at most the bytes of uniform.
 With `--chunk N` every method also compacts the span in chunks of about N tokens, each head's slots shared over
 the chunks by its fitting queries' attention ("by attention", compact_span's default) or by the chunks' lengths.
+With `--pieces N` every method also ingests the text as a tool result in pieces of N tokens (agentloop.ingest:
+each piece prefilled, then compacted; no verbatim edges), its slots shared over the pieces evenly (each piece
+compacted alone) or jointly (each piece compacted together with the earlier pieces' slots); the held-out queries
+are those of the text prefilled whole.
 """
 
 from __future__ import annotations
@@ -126,7 +130,47 @@ def run(args) -> dict:
                 print(f"context {c} {label:28s} {ratio:3d}x  held-out output error {row['held_out_output_error']:.4f}"
                       f"  mass error {row['held_out_mass_error']:.4f}  padding {stats.padding_fraction:.0%}"
                       f"  ({stats.seconds['total']:.1f}s)", flush=True)
+        for label, method, how in piece_variants(args.methods, args.pieces):
+            for ratio in args.ratios:
+                rows.append(_ingested(loaded, ids, label, method, how, ratio, args, (Qh, K, V, scale), c))
     return {"rows": rows}
+
+
+def piece_variants(methods, pieces: int) -> list[tuple[str, str, str]]:
+    """(label, method, piece budgets) of the ingestion-in-pieces rows (none without `pieces`)."""
+    return [(f"{method} in {pieces}-token pieces, {how}", method, how) for method in methods
+            for how in ("even", "joint")] if pieces else []
+
+
+def _ingested(loaded, ids, label, method, how, ratio, args, reference, context) -> dict:
+    """One row: the text ingested in pieces (agentloop.ingest) and held-out errors against the whole prefill."""
+    import time
+
+    from agentloop import Session
+    from agentloop.compaction.solver import evaluate
+    from agentloop.ingest import ingest_result
+    from agentloop.task import IngestSpec
+
+    Qh, K, V, scale = reference
+    spec = IngestSpec(trigger_tokens=2, ratio=1.0 / ratio, keep_first=0, keep_last=0, piece_tokens=args.pieces,
+                      method=method, max_queries=args.max_queries, piece_budgets=how)
+    session = Session(loaded)
+    tic = time.perf_counter()
+    events = [e for e in ingest_result(session, ids, spec, seed=args.seed) if isinstance(e, dict)]
+    seconds = time.perf_counter() - tic
+    layers = session.cache.compactable
+    Kc, Vc, Bc = stacked_padded(session.cache, layers)
+    output_error, mass_error = evaluate(Qh, K, V, None, Kc, Bc, Vc, scale)
+    slots = session.cache.physical_len
+    row = {"context": context, "method": label, "ratio": ratio, "kept": slots,
+           "held_out_output_error": float(output_error.mean()), "held_out_mass_error": float(mass_error.mean()),
+           "bytes_after": session.cache.held_bytes(), "padding_fraction": 0.0,
+           "real_slots": len(layers) * session.cache.kv_heads * slots, "pieces": len(events),
+           "seconds": {"compaction": round(sum(e.get("seconds", 0.0) for e in events), 3),
+                       "ingestion": round(seconds, 3)}}
+    print(f"context {context} {label:28s} {ratio:3d}x  held-out output error {row['held_out_output_error']:.4f}"
+          f"  mass error {row['held_out_mass_error']:.4f}  {slots} slots  ({seconds:.1f}s)", flush=True)
+    return row
 
 
 def _omp_too_big(method: str, span_len: int, ratio: int, omp_max_kept: int) -> bool:
@@ -156,7 +200,10 @@ def markdown(summary, args, command) -> str:
 
     lines = [f"# Compaction fidelity on {args.model}: held-out attention error vs compaction ratio", "",
              f"{args.contexts} contexts of {args.tokens} tokens of real prose (Paul Graham essays); the whole span is "
-             "compacted one-shot. Fitting queries: each method's own sources, "
+             "compacted one-shot" + (f" (\"in {args.pieces}-token pieces\": ingested as a tool result in pieces, "
+                                     "each compacted after its prefill, alone (even) or with the earlier pieces' "
+                                     "slots (joint))" if getattr(args, "pieces", 0) else "") + ". "
+             "Fitting queries: each method's own sources, "
              f"{describe_queries(args.max_queries)} per KV head. "
              "Errors on held-out queries (three questions about the text and the model's 32-token answers to them, "
              "never used for fitting), mean over layers, KV heads, queries and contexts. "
@@ -250,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=whole, default=0, help="also run every method compacting in chunks of this "
                         "many tokens, its slots shared over them by attention and by length (results go to "
                         "fidelity_chunked)")
+    parser.add_argument("--pieces", type=whole, default=0, help="also run every method ingesting the text in pieces "
+                        "of this many tokens, its slots shared over them evenly and jointly (results go to "
+                        "fidelity_pieces)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
@@ -257,14 +307,16 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     data = run(args)
-    summary = summarize(data["rows"], [label for label, *_ in variants(args.methods, args.budgets, args.chunk)],
+    labels = [label for label, *_ in variants(args.methods, args.budgets, args.chunk)]
+    summary = summarize(data["rows"], labels + [label for label, *_ in piece_variants(args.methods, args.pieces)],
                         args.ratios)
     command = "agentloop eval fidelity " + " ".join(argv or [])
     text = markdown(summary, args, command.strip())
     print(text)
     if not args.no_write:
         data.update({"benchmark": "fidelity", "config": vars(args), "summary": summary, "command": command.strip()})
-        name = "fidelity_budgets" if args.budgets else "fidelity_chunked" if args.chunk else "fidelity"
+        name = ("fidelity_budgets" if args.budgets else "fidelity_chunked" if args.chunk else
+                "fidelity_pieces" if args.pieces else "fidelity")
         write_results(name, data, text)
         plot(summary, args.ratios, results_dir() / f"{name}.png")
     return 0

@@ -20,6 +20,8 @@ and the model's draft reply to it hold a quarter of the fitting rows. Further co
 `am-ss`, `am-task-ss` (self-study queries too), `am-task-pool` (max-pooled key selection), `am-task-values` (β = 0,
 values fitted), `snapkv` and
 `snapkv-task` (SnapKV-style eviction, without and with the pending request), see CONDITIONS.
+With `--piece-budgets even joint` each AM condition also runs with joint piece budgets (`CONDITION+joint`: each
+piece compacted together with the earlier pieces' slots, memory.ingest.piece_budgets), on the same trials.
 """
 
 from __future__ import annotations
@@ -154,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pin-numbers", action="store_true",
                         help="keep every number of the result (with the tokens that lead to it) in every head with "
                              "its original keys and values, task or not (memory.ingest.pin_numbers)")
+    parser.add_argument("--piece-budgets", nargs="+", choices=["even", "joint"], default=["even"],
+                        help="how a result in several pieces shares its slots (memory.ingest.piece_budgets); with both, "
+                        "every compacting condition runs both ways")
     parser.add_argument("--answer-tokens", type=count, default=8)
     parser.add_argument("--seed", type=whole, default=0)
     parser.add_argument("--resume", action="store_true", help="keep the trials already in the results file "
@@ -181,10 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(short, args.ratios)] * args.trials + [(long, args.long_ratios)] * args.long_trials
     same = ("model", "source", "min_tokens", "max_tokens", "long_tokens", "keep", "piece_tokens", "chunk_tokens",
             "max_queries", "task_first", "task_share", "task_pin", "pin_numbers", "answer_tokens", "seed",
-            "conditions")
-    per_trial = {group: 1 + len(ratios) * len(args.conditions) for group, ratios in plan}
+            "conditions", "piece_budgets")
+    runs = sum(len(args.piece_budgets) if c != "truncate" else 1 for c in args.conditions)  # rows per ratio
+    per_trial = {group: 1 + len(ratios) * runs for group, ratios in plan}
     records = earlier_records(args, same, lambda r: r["trial"], lambda r: per_trial[r["group"]],
-                              older={"task_pin": 0, "pin_numbers": False}) if args.resume else []
+                              older={"task_pin": 0, "pin_numbers": False, "piece_budgets": ["even"]}) if args.resume else []
     done = {r["trial"] for r in records}
     for trial, (group, ratios) in enumerate(plan):
         tic = time.perf_counter()
@@ -208,23 +214,25 @@ def main(argv: list[str] | None = None) -> int:
                 if condition == "truncate":
                     continue
                 method, reads_task = CONDITIONS[condition]
-                spec = IngestSpec(trigger_tokens=2 * args.keep + 2, ratio=1 / ratio, keep_first=args.keep,
-                                  keep_last=args.keep, piece_tokens=args.piece_tokens, method=method,
-                                  chunk_tokens=args.chunk_tokens or None, max_queries=args.max_queries,
-                                  pin_numbers=args.pin_numbers)
-                session = base.fork()
-                clock = time.perf_counter()
-                pieces = [item for item in ingest_result(session, result, spec, pending if reads_task else [],
-                                                         seed=args.seed + trial, task_share=args.task_share,
-                                                         task_pin=args.task_pin)
-                          if isinstance(item, dict)]
-                ingest_s = time.perf_counter() - clock
-                slots = sum(p["slots_after"] for p in pieces)
-                records.append({**row, "condition": condition, "ratio": ratio, "result_slots": slots,
-                                "pieces": len(pieces), "compact_s": round(sum(p["seconds"] for p in pieces), 2),
-                                "ingest_s": round(ingest_s, 2),
-                                "output_error": sum(p["output_error"] for p in pieces) / len(pieces),
-                                **_measure(session, *measure)})
+                for budgets in args.piece_budgets:
+                    spec = IngestSpec(trigger_tokens=2 * args.keep + 2, ratio=1 / ratio, keep_first=args.keep,
+                                      keep_last=args.keep, piece_tokens=args.piece_tokens, method=method,
+                                      chunk_tokens=args.chunk_tokens or None, max_queries=args.max_queries,
+                                      pin_numbers=args.pin_numbers, piece_budgets=budgets)
+                    session = base.fork()
+                    clock = time.perf_counter()
+                    pieces = [item for item in ingest_result(session, result, spec, pending if reads_task else [],
+                                                             seed=args.seed + trial, task_share=args.task_share,
+                                                             task_pin=args.task_pin)
+                              if isinstance(item, dict)]
+                    ingest_s = time.perf_counter() - clock
+                    slots = pieces[-1]["result_slots"]
+                    records.append({**row, "condition": condition, "piece_budgets": budgets, "ratio": ratio,
+                                    "result_slots": slots, "pieces": len(pieces),
+                                    "compact_s": round(sum(p["seconds"] for p in pieces), 2),
+                                    "ingest_s": round(ingest_s, 2),
+                                    "output_error": sum(p["output_error"] for p in pieces) / len(pieces),
+                                    **_measure(session, *measure)})
             if "truncate" in args.conditions:
                 slots = slots or _compacted_slots(len(result), ratio, args)
                 session = whole.fork()
@@ -232,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 records.append({**row, "condition": "truncate", "ratio": ratio, "result_slots": slots,
                                 "ingest_s": round(whole_s, 2), **_measure(session, *measure)})
         mine = [r for r in records if r["trial"] == trial]
-        marks = " ".join(f"{r['condition']}{'' if r['condition'] == 'whole' else ' ' + str(r['ratio']) + 'x'} "
+        marks = " ".join(f"{row_name(r)}{'' if r['condition'] == 'whole' else ' ' + str(r['ratio']) + 'x'} "
                          f"{'ok' if r['correct'] else 'miss'}" for r in mine)
         print(f"trial {trial} ({group}): {len(result):,} tokens, key at {depth:.0%}: {marks} "
               f"({time.perf_counter() - tic:.0f}s)", flush=True)
@@ -240,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
             _report(args, records, argv)
     print(_report(args, records, argv))
     return 0
+
+
+def row_name(record: dict) -> str:
+    """A record's row name: its condition, `+joint` when its pieces were compacted jointly."""
+    return record["condition"] + ("+joint" if record.get("piece_budgets") == "joint" else "")
 
 
 def _compacted_slots(n_result: int, ratio: int, args) -> int:
@@ -258,13 +271,14 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
     from agentloop.memcap import format_bytes
 
     groups = list(dict.fromkeys(r["group"] for r in records))  # short results first, then long ones
-    present = {(r["condition"], r["ratio"]) for r in records}
+    present = {(row_name(r), r["ratio"]) for r in records}
+    names = [name for c in CONDITIONS for name in (c, c + "+joint")] + ["truncate"]
     conditions = [("whole", 1)] + [(c, r) for r in sorted({r["ratio"] for r in records} - {1})
-                                   for c in (*CONDITIONS, "truncate") if (c, r) in present]
+                                   for c in names if (c, r) in present]
     summary = {}
     for condition, ratio in conditions:
         for group in groups:
-            sel = [r for r in records if (r["condition"], r["ratio"], r["group"]) == (condition, ratio, group)]
+            sel = [r for r in records if (row_name(r), r["ratio"], r["group"]) == (condition, ratio, group)]
             if sel:
                 k = sum(r["correct"] for r in sel)
                 summary.setdefault(f"{condition} {ratio}x", {})[group] = {
@@ -295,6 +309,10 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
                                                         f"({share:.0%} of the rows)" if share else "")}
     present_names = [c for c in CONDITIONS if any(r["condition"] == c for r in records)]
     asked += "Fitting queries: " + "; ".join(f"`{c}` {named[c]}" for c in present_names) + ". "
+    if any(r.get("piece_budgets") == "joint" for r in records):
+        asked += ("`+joint`: the same, each piece compacted together with the slots the earlier pieces hold, to the "
+                  "slots all of them are due (memory.ingest.piece_budgets: joint); without it each piece is compacted "
+                  "alone. ")
     if getattr(args, "pin_numbers", False):
         asked += (f"Every number of the result, with the {NUMBER_LEAD} tokens before it and the one after, is kept in "
                   "every head with its original keys and values (`pin_numbers`). ")
@@ -341,7 +359,8 @@ def _plot(summary: dict, groups: list[str], path: Path) -> None:
             ax.axhline(whole["accuracy"], color=color, lw=1, ls=":", label=f"whole result ({group})")
         for condition, style in (("am", "-o"), ("am-ss", "-v"), ("am-task", "-^"), ("am-task-ss", "-D"),
                                  ("am-task-pool", "-P"), ("am-task-values", "-p"), ("snapkv", "-.x"),
-                                 ("snapkv-task", "-.*"), ("truncate", "--s")):
+                                 ("snapkv-task", "-.*"), ("truncate", "--s"), ("am+joint", ":o"), ("am-ss+joint", ":v"),
+                                 ("am-task+joint", ":^"), ("am-task-ss+joint", ":D")):
             points = sorted((int(name.split()[1][:-1]), g[group]["accuracy"]) for name, g in summary.items()
                             if name.startswith(condition + " ") and group in g)
             if points:

@@ -85,6 +85,7 @@ class SpanStats:
     padding_fraction: float = 0.0  # padding slots / all slots written (non-uniform budgets)
     fallback: str | None = None  # why some heads were evicted instead of compacted (see compact_span)
     evicted_heads: int = 0
+    pinned: torch.Tensor | None = None  # [layers * kv_heads, kept] bool: the new block's slots kept as they were
 
     def summary(self) -> dict:
         return {"method": self.method, "span": [self.start, self.end], "kept": self.kept, "queries": self.queries,
@@ -152,7 +153,7 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                  memo: dict[str, dict] | None = None, budgets: torch.Tensor | None = None,
                  task_ids: list[int] | None = None, task_share: float = TASK_SHARE, task_pin: int = 0,
                  span_ids: list[int] | None = None, pin_numbers: bool = False, scratch_bytes: int | None = None,
-                 fallback: str | None = None, part_budgets: str = "attention",
+                 fallback: str | None = None, part_budgets: str = "attention", pinned: torch.Tensor | None = None,
                  **knobs) -> SpanStats:
     """Replace physical slots [start, end) of every compactable layer by a compacted block, in place.
 
@@ -167,8 +168,11 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     of the span where those queries look (see `task_positions`) are kept in every head with their original keys and
     values (solver `protect`; at most half of the kept slots); without `task_ids`, a method that reads self-study
     queries pins where those look (what its study questions about the span found worth asking). `span_ids`, the
-    span's own tokens when it is verbatim (as on ingestion), lets a pinned number be pinned whole (`whole_numbers`),
-    and with `pin_numbers` every number of the span is pinned, with the tokens that lead to it, task or not.
+    tokens of the span's last len(span_ids) slots when those are verbatim (as on ingestion), lets a pinned number be
+    pinned whole (`whole_numbers`), and with `pin_numbers` every number there is pinned, with the tokens that lead
+    to it, task or not. `pinned` [layers * kv_heads, end - start] bool marks slots each head keeps as they are
+    besides those (e.g. the pins of an earlier compaction of part of the span: SpanStats.pinned says which slots of
+    the new block are pinned, per head).
     `budgets` [layers, kv_heads] (slots per compactable head, see compaction.budgets.head_budgets) replaces the
     uniform `target`: each layer then holds the span at its largest head budget, and its other heads are
     padded with slots of key 0, value 0 and β = −inf (no attention, but they count toward the bytes).
@@ -198,6 +202,11 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     tic = time.perf_counter()
     sources = named.queries if sources is None else sources
     protect = None  # [span_len] bool: tokens kept in every head with their original keys and values
+    if pinned is not None and pinned.shape != (len(layers) * heads, span_len):
+        raise ValueError(f"pinned must be [{len(layers) * heads}, {span_len}] (compactable layers x KV heads, span "
+                         f"slots), got shape {tuple(pinned.shape)}")
+    if span_ids is not None and len(span_ids) > span_len:
+        raise ValueError(f"span_ids has {len(span_ids)} tokens, more than the span's {span_len} slots")
     try:
         if queries is not None:
             queries = QueryMix.of(queries)
@@ -211,16 +220,22 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                 queries = queries.with_share(memo["task"], task_share)
             # the queries whose looked-at tokens are pinned: the task's, else (no task) the study questions'
             pin_by = "task" if task_ids else "selfstudy" if "selfstudy" in dict(sources) else None
-            fits, limit = METHODS[named.solver].fit, int(slots.min()) // 2
-            if task_pin and fits and pin_by:
+            fits = METHODS[named.solver].fit
+            held = int(pinned.sum(1).max()) if pinned is not None else 0  # pins a head already has
+            limit = max(0, int(slots.min()) // 2 - held)
+            if task_pin and fits and pin_by and limit:
                 protect = task_positions(session, memo[pin_by], start, end, min(task_pin, limit))
             readable = span_ids is not None and session.tokenizer is not None  # its numbers can be found
             if fits and readable and (protect is not None or pin_numbers):
-                protect = whole_numbers(torch.zeros(span_len, dtype=torch.bool) if protect is None else protect,
-                                        *number_tokens(session.tokenizer, span_ids), limit, every=pin_numbers)
+                tail = span_len - len(span_ids)  # the verbatim slots whose tokens are span_ids
+                protect = torch.zeros(span_len, dtype=torch.bool) if protect is None else protect
+                protect[tail:] = whole_numbers(protect[tail:], *number_tokens(session.tokenizer, span_ids),
+                                               limit - int(protect[:tail].sum()), every=pin_numbers)
     except (RuntimeError, torch.OutOfMemoryError) as exc:  # a probe that failed: nothing of the cache changed
         fallback, queries = f"reading the queries failed ({_first_line(exc)})", None
     seconds = {"queries": time.perf_counter() - tic}
+    if pinned is not None:  # per head: [layers * kv_heads, span_len]
+        protect = pinned.cpu() | protect if protect is not None else pinned.cpu()
 
     scale = session.model.model.layers[layers[0]].self_attn.scaling
     rows = queries.count if queries else STATS_QUERIES
@@ -236,6 +251,7 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
     group = max(1, scratch // per_head)
 
     errors, all_seconds = [], []
+    kept_pins = torch.zeros(len(layers) * heads, max(layer_slots), dtype=torch.bool) if protect is not None else None
     evicted = 0
     for first in range(0, len(layers) * heads, group):
         rows_ = range(first, min(first + group, len(layers) * heads))
@@ -247,6 +263,9 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
             _write_heads(cache, layers, heads, rows_, start, layer_slots, result)
             errors.append(result[3:5])
             all_seconds.append(result[5])
+            if kept_pins is not None:
+                width = min(kept_pins.shape[1], result[6].shape[1])
+                kept_pins[rows_.start:rows_.stop, :width] = result[6][:, :width].cpu()
         except _Evict:
             evicted += _evict_heads(cache, layers, heads, rows_, start, end, layer_slots)
         except (RuntimeError, torch.OutOfMemoryError, FloatingPointError) as exc:
@@ -280,7 +299,8 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                      seconds=seconds, output_error=output_error.view(len(layers), heads),
                      mass_error=mass_error.view(len(layers), heads), bytes_before=bytes_before,
                      bytes_after=cache.held_bytes(), layers=list(layers), layer_slots=layer_slots,
-                     padding_fraction=1 - int(real_slots.sum()) / total_slots, fallback=fallback, evicted_heads=evicted)
+                     padding_fraction=1 - int(real_slots.sum()) / total_slots, fallback=fallback, evicted_heads=evicted,
+                     pinned=kept_pins)
 
 
 def task_positions(session, task: dict[int, torch.Tensor], start: int, end: int, count: int,
@@ -389,7 +409,7 @@ def _stacked(cache, layers: list[int], heads: int, rows_: range, start: int, end
 def _compact_heads(session, rows_, start, end, bounds, part_slots, queries, named, scale, seed, knobs, scratch,
                    protect=None):
     """Compact the stacked heads `rows_`: (keys, values, β [h, t_all, ...] with each head's real slots first, output
-    error, mass error [h], stage seconds)."""
+    error, mass error [h], stage seconds, pinned [h, t_all] bool: the slots kept as they were)."""
     cache, layers, heads = session.cache, session.cache.compactable, session.cache.kv_heads
     K, V, beta = _stacked(cache, layers, heads, rows_, start, end)
     if queries:
@@ -403,27 +423,39 @@ def _compact_heads(session, rows_, start, end, bounds, part_slots, queries, name
     if len(bounds) > 1:  # parts are fitted as parts of the span: its attention statistics, in what the copies leave
         copies = sum(x.numel() * x.element_size() for x in (K, V, Q, beta) if x is not None)
         whole = row_max_lse(Q, K, scale, beta, max(chunk_bytes - copies, 8 * 16 * Q.shape[1]))
-    parts, real = [], []
+    parts, real, pins = [], [], []
+    protect = _head_protect(protect, index)  # [h, T] or None
     for (lo, hi), per_part in zip(bounds, part_slots, strict=True):
         budget = per_part[index]
         t = int(budget.max())
+        part_protect = protect[:, lo:hi] if protect is not None else None
         parts.append(compact(Q, K[:, lo:hi], V[:, lo:hi], t, scale, bias=beta[:, lo:hi] if beta is not None else None,
                              method=named.solver, seed=seed, budgets=budget, span=whole, chunk_bytes=chunk_bytes,
-                             protect=protect[lo:hi].expand(len(rows_), -1) if protect is not None else None, **knobs))
+                             protect=part_protect, **knobs))
         real.append(torch.arange(t) < budget[:, None])  # [h, t]
+        pins.append(part_protect.to(parts[-1].idx.device).gather(1, parts[-1].idx) & real[-1].to(parts[-1].idx.device)
+                    if part_protect is not None else torch.zeros(len(rows_), t, dtype=torch.bool))
     del K, V, beta, Q
     # each head's real slots first (part by part), its padding last: [h, t_all, ...]
     order = (~torch.cat(real, dim=1)).int().argsort(dim=-1, stable=True).to(parts[0].keys.device)
     new_keys = _gather_slots(torch.cat([p.keys for p in parts], dim=1), order)
     new_values = _gather_slots(torch.cat([p.values for p in parts], dim=1), order)
     new_beta = torch.cat([p.beta for p in parts], dim=1).gather(1, order)
+    new_pins = torch.cat([p.to(order.device) for p in pins], dim=1).gather(1, order)
     if not (torch.isfinite(new_keys).all() and torch.isfinite(new_values).all() and not torch.isnan(new_beta).any()
             and not (new_beta == math.inf).any()):
         raise FloatingPointError("a fit gave a non-finite key, value or β")
     seconds = {stage: sum(p.seconds[stage] for p in parts) for stage in parts[0].seconds}
     output_error = torch.stack([p.output_error for p in parts]).mean(0)
     mass_error = torch.stack([p.mass_error for p in parts]).mean(0)
-    return new_keys, new_values, new_beta, output_error, mass_error, seconds
+    return new_keys, new_values, new_beta, output_error, mass_error, seconds, new_pins
+
+
+def _head_protect(protect: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    """The protect mask of the stacked heads `index` [h, T]: a [T] mask is every head's, a 2-D one is per head."""
+    if protect is None:
+        return None
+    return protect.expand(len(index), -1) if protect.dim() == 1 else protect[index]
 
 
 def _write_heads(cache, layers, heads, rows_, start, layer_slots, result) -> None:
@@ -487,7 +519,7 @@ def _part_slots(session, slots: torch.Tensor, bounds: list[tuple[int, int]], sta
         return [(slots.double() * (hi - lo) / span_len).round().long().clamp(1, hi - lo) for lo, hi in bounds]
     kept = span_selection(session, slots, start, start + int(lengths.sum()), queries, protect)
     held = torch.stack([kept[:, lo:hi].sum(1) for lo, hi in bounds]).double()  # [parts, layers * kv_heads]
-    pinned = torch.tensor([int(protect[lo:hi].sum()) if protect is not None else 0 for lo, hi in bounds])
+    pinned = torch.tensor([int(protect[..., lo:hi].sum(-1).max()) if protect is not None else 0 for lo, hi in bounds])
     floors = pinned.clamp(min=1).minimum(lengths)
     return list(split_budget(slots, held + 1e-3, floors, lengths).unbind(0))
 
@@ -507,8 +539,9 @@ def span_selection(session, slots: torch.Tensor, start: int, end: int, queries,
         Q = rows[:, ::max(1, -(-rows.shape[1] // SELECTION_ROWS))]
         beta = layer.beta_buffer[0, :, start:end] if layer.has_beta else None
         score = key_scores(Q, layer.key_buffer[0, :, start:end].to(Q.device), scale, beta).cpu()  # [kv_heads, T]
-        if protect is not None:
-            score = score.masked_fill(protect, math.inf)
+        if protect is not None:  # [T] or [layers * kv_heads, T]
+            rows_ = torch.arange(layer_pos * cache.kv_heads, (layer_pos + 1) * cache.kv_heads)
+            score = score.masked_fill(_head_protect(protect, rows_), math.inf)
         for head in range(cache.kv_heads):
             stacked = layer_pos * cache.kv_heads + head
             kept[stacked, score[head].topk(int(slots[stacked])).indices] = True
