@@ -191,7 +191,9 @@ def summarize(rows, methods, ratios) -> dict:
                     "mass_error": statistics.mean(x["held_out_mass_error"] for x in sel),
                     "bytes_after": statistics.mean(x["bytes_after"] for x in sel),
                     "real_slots": statistics.mean(x["real_slots"] for x in sel),
-                    "padding_fraction": statistics.mean(x["padding_fraction"] for x in sel)}
+                    "padding_fraction": statistics.mean(x["padding_fraction"] for x in sel),
+                    "seconds": statistics.mean(x["seconds"].get("ingestion", x["seconds"].get("total", 0.0))
+                                               for x in sel)}
     return table
 
 
@@ -233,6 +235,11 @@ def markdown(summary, args, command) -> str:
                      "slots per head (greedy refits grow as t^4 in the kept slots t).")
     if args.budgets:
         lines += budget_lines(summary, args)
+    if getattr(args, "pieces", 0):
+        lines += ["", "## Seconds to ingest a context in pieces (prefill, re-reads and compactions)", "",
+                  "| method | " + " | ".join(f"{r}x" for r in args.ratios) + " |", "|---|" + "---|" * len(args.ratios)]
+        lines += [f"| {m} | " + " | ".join(f"{per[str(r)]['seconds']:.1f}" if str(r) in per else "–"
+                                           for r in args.ratios) + " |" for m, per in summary.items() if " pieces, " in m]
     lines += ["", f"Reproduce: `{command}`"]
     return "\n".join(lines)
 
