@@ -72,7 +72,8 @@ def compact_result(session, result_ids: list[int], spec: IngestSpec, task_ids: l
     memo = {"repeat": repeat.queries(session, text, seed)} if repeat is not None else None
     stats = compact_span(session, lo, hi, due, method=spec.method, context_ids=text, task_ids=list(task_ids),
                          max_queries=spec.max_queries, seed=seed, chunk=spec.chunk_tokens, task_share=task_share,
-                         task_pin=task_pin, span_ids=middle, pin_numbers=spec.pin_numbers, memo=memo, pinned=pinned)
+                         task_pin=task_pin, span_ids=middle, pin_numbers=spec.pin_numbers, memo=memo, pinned=pinned,
+                         study_seconds=spec.study_seconds)
     summary = stats.summary()
     before = end - (start if earlier is None else lo)  # slots of the result's pieces this compaction covers
     pieces = 1 + (earlier.pieces if earlier is not None else 0)

@@ -214,10 +214,12 @@ class Session:
         return other
 
     def probe(self, ids: list[int], generate: int = 0, seed: int = 0, temperature: float = PROBE_TEMPERATURE,
-              prefix: int = 0, into: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+              prefix: int = 0, into: dict[int, torch.Tensor] | None = None,
+              deadline: float | None = None) -> dict[int, torch.Tensor]:
         """Run `ids` (then up to `generate` tokens, sampled at `temperature`, 0 = greedy, until the end of the
-        turn) on top of the cache, recording the queries of every compactable layer into a reservoir of
-        `query_rows` rows per KV head, then roll the cache back. Returns {layer: [kv_heads, n, head_dim]}.
+        turn or the `deadline`, a time.monotonic() value) on top of the cache, recording the queries of every
+        compactable layer into a reservoir of `query_rows` rows per KV head, then roll the cache back.
+        Returns {layer: [kv_heads, n, head_dim]}.
 
         The transient tokens live in the slots the budget keeps free for them. When `ids` (and the draft) do not
         fit there, they are read in windows, each rolled back before the next: the first `prefix` ids (e.g. an
@@ -251,6 +253,8 @@ class Session:
                 for _ in range(generate if k == len(windows) - 1 else 0):
                     token = sample(logits, settings, generator, self.token_ids)
                     if token in eos:  # what follows the end of the turn is not an answer about the context
+                        break
+                    if deadline is not None and time.monotonic() >= deadline:
                         break
                     logits = self._step([token], recorder, positions=[position])
                     position += 1

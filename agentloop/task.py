@@ -77,6 +77,9 @@ class IngestSpec(BaseModel):
     pin_numbers: bool = Field(False, description=f"keep every number of the result, with the {NUMBER_LEAD} tokens "
                               "before it and the one after, with its original keys and values (up to half the kept "
                               "slots)")
+    study_seconds: float | None = Field(None, gt=0, description="with a method that reads self-study queries "
+                                        "(am-hak, am-omp...): the most seconds its study of a piece may take (answers "
+                                        "cut there, later study prompts left out; null: no limit)")
     max_queries: int | None = Field(MAX_QUERIES, ge=16, description="reference queries per KV head (a random "
                                     "subsample of the re-read's queries above this; null: every query)")
     exclude: list[str] = Field(default_factory=list, description="tools whose results are never compacted")

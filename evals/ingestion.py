@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--piece-budgets", nargs="+", choices=["even", "joint"], default=["even"],
                         help="how a result in several pieces shares its slots (memory.ingest.piece_budgets); with both, "
                         "every compacting condition runs both ways")
+    parser.add_argument("--study-seconds", type=float, default=None, help="the most seconds the self-study of a piece "
+                        "may take (memory.ingest.study_seconds; default: no limit)")
     parser.add_argument("--answer-tokens", type=count, default=8)
     parser.add_argument("--seed", type=whole, default=0)
     parser.add_argument("--resume", action="store_true", help="keep the trials already in the results file "
@@ -186,11 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(short, args.ratios)] * args.trials + [(long, args.long_ratios)] * args.long_trials
     same = ("model", "source", "min_tokens", "max_tokens", "long_tokens", "keep", "piece_tokens", "chunk_tokens",
             "max_queries", "task_first", "task_share", "task_pin", "pin_numbers", "answer_tokens", "seed",
-            "conditions", "piece_budgets")
+            "conditions", "piece_budgets", "study_seconds")
     runs = sum(len(args.piece_budgets) if c != "truncate" else 1 for c in args.conditions)  # rows per ratio
     per_trial = {group: 1 + len(ratios) * runs for group, ratios in plan}
     records = earlier_records(args, same, lambda r: r["trial"], lambda r: per_trial[r["group"]],
-                              older={"task_pin": 0, "pin_numbers": False, "piece_budgets": ["even"]}) if args.resume else []
+                              older={"task_pin": 0, "pin_numbers": False, "piece_budgets": ["even"],
+                                     "study_seconds": None}) if args.resume else []
     done = {r["trial"] for r in records}
     for trial, (group, ratios) in enumerate(plan):
         tic = time.perf_counter()
@@ -218,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                     spec = IngestSpec(trigger_tokens=2 * args.keep + 2, ratio=1 / ratio, keep_first=args.keep,
                                       keep_last=args.keep, piece_tokens=args.piece_tokens, method=method,
                                       chunk_tokens=args.chunk_tokens or None, max_queries=args.max_queries,
-                                      pin_numbers=args.pin_numbers, piece_budgets=budgets)
+                                      pin_numbers=args.pin_numbers, piece_budgets=budgets,
+                                      study_seconds=args.study_seconds)
                     session = base.fork()
                     clock = time.perf_counter()
                     pieces = [item for item in ingest_result(session, result, spec, pending if reads_task else [],
@@ -313,6 +317,8 @@ def _report(args, records: list[dict], argv: list[str] | None) -> str:
         asked += ("`+joint`: the same, each piece compacted together with the slots the earlier pieces hold, to the "
                   "slots all of them are due (memory.ingest.piece_budgets: joint); without it each piece is compacted "
                   "alone. ")
+    if getattr(args, "study_seconds", None):
+        asked += f"The self-study of a piece stops after {args.study_seconds:g} s (`study_seconds`). "
     if getattr(args, "pin_numbers", False):
         asked += (f"Every number of the result, with the {NUMBER_LEAD} tokens before it and the one after, is kept in "
                   "every head with its original keys and values (`pin_numbers`). ")

@@ -1,5 +1,5 @@
 """Ingestion in pieces: joint piece budgets hold the same slots as even ones, move them where the queries look,
-and keep the earlier pieces' pins."""
+and keep the earlier pieces' pins; self-study within a time budget."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ PROSE = ("The mill stood by the river, and the miller's sons carried grain up th
 
 
 def _result_ids(tokenizer, n: int, needle: str = "") -> list[int]:
-    ids = tokenizer(needle + PROSE * (n // 20), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(needle + PROSE * (n // 20 + 1), add_special_tokens=False)["input_ids"]
     assert len(ids) >= n
     return ids[:n]
 
@@ -104,3 +104,34 @@ def test_joint_budgets_keep_the_earlier_pieces_pinned_numbers(tiny_chat):
 def test_piece_budgets_must_be_a_known_split():
     with pytest.raises(ValueError, match="piece_budgets"):
         IngestSpec(piece_budgets="by-length")
+
+
+def _rows(queries: dict[int, torch.Tensor]) -> int:
+    return min(q.shape[1] for q in queries.values())
+
+
+def test_a_probe_stops_drafting_at_its_deadline(tiny_chat):
+    import time
+
+    session = Session(tiny_chat)
+    list(session.feed(_result_ids(tiny_chat.tokenizer, 40)))
+    ids = _result_ids(tiny_chat.tokenizer, 12)
+    read_only = _rows(session.probe(ids))
+    drafted = _rows(session.probe(ids, generate=10, temperature=0.0))
+    cut = _rows(session.probe(ids, generate=10, temperature=0.0, deadline=time.monotonic() - 1))
+    assert cut == read_only < drafted
+
+
+def test_self_study_within_its_seconds_reads_the_first_prompt_only(tiny_chat):
+    from agentloop.compaction.queries import SELF_STUDY_PROMPTS, self_study_queries, turn_ids
+
+    session = Session(tiny_chat)
+    list(session.feed(_result_ids(tiny_chat.tokenizer, 40)))
+    first_prompt = _rows(session.probe(turn_ids(tiny_chat.tokenizer, SELF_STUDY_PROMPTS[0])))
+    assert _rows(self_study_queries(session, seconds=1e-9)) == first_prompt
+    assert _rows(self_study_queries(session)) > first_prompt
+
+
+def test_study_seconds_must_be_positive():
+    with pytest.raises(ValueError, match="study_seconds"):
+        IngestSpec(study_seconds=0)

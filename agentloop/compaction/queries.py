@@ -14,6 +14,8 @@ Sources (each returns {layer_idx: [kv_heads, n, head_dim]}):
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 REPEAT_INSTRUCTION = "Repeat the previous context verbatim."
@@ -307,10 +309,19 @@ def rotate(queries: dict[int, torch.Tensor], shift: int, inv_freq: torch.Tensor 
     return out
 
 
-def self_study_queries(session, max_new_tokens: int = 48, seed: int = 0) -> dict[int, torch.Tensor]:
-    """The model answers short study prompts about the context; the queries of prompt + answer are kept."""
-    parts = [(session.probe(turn_ids(session.tokenizer, prompt), generate=max_new_tokens, seed=seed + k), 1.0)
-             for k, prompt in enumerate(SELF_STUDY_PROMPTS)]
+def self_study_queries(session, max_new_tokens: int = 48, seed: int = 0,
+                       seconds: float | None = None) -> dict[int, torch.Tensor]:
+    """The model answers short study prompts about the context; the queries of prompt + answer are kept.
+
+    With `seconds`, the study stops when that time is spent: an answer is cut there and the prompts not yet
+    begun are left out (the first prompt is always read)."""
+    deadline = time.monotonic() + seconds if seconds is not None else None
+    parts = []
+    for k, prompt in enumerate(SELF_STUDY_PROMPTS):
+        if k and deadline is not None and time.monotonic() >= deadline:
+            break
+        parts.append((session.probe(turn_ids(session.tokenizer, prompt), generate=max_new_tokens, seed=seed + k,
+                                    deadline=deadline), 1.0))
     return combine(parts, budget=None, seed=seed)
 
 

@@ -109,15 +109,18 @@ def target_slots(span_len: int, target: int | float) -> int:
 
 
 def reference_queries(session, sources: QuerySources, context_ids: list[int] | None, max_queries: int | None,
-                      seed: int, memo: dict[str, dict] | None = None, min_rows: int = 0) -> dict[int, torch.Tensor]:
+                      seed: int, memo: dict[str, dict] | None = None, min_rows: int = 0,
+                      study_seconds: float | None = None) -> dict[int, torch.Tensor]:
     """Collect and mix the named query sources: {layer: [kv_heads, n, head_dim]}.
 
-    `memo` maps a source name to queries already collected for this context (filled as sources are run)."""
-    return query_mix(session, sources, context_ids, max_queries, seed, memo, min_rows).materialize()
+    `memo` maps a source name to queries already collected for this context (filled as sources are run);
+    `study_seconds` bounds the time self-study takes (see self_study_queries)."""
+    return query_mix(session, sources, context_ids, max_queries, seed, memo, min_rows, study_seconds).materialize()
 
 
 def query_mix(session, sources: QuerySources, context_ids: list[int] | None, max_queries: int | None,
-              seed: int, memo: dict[str, dict] | None = None, min_rows: int = 0) -> QueryMix:
+              seed: int, memo: dict[str, dict] | None = None, min_rows: int = 0,
+              study_seconds: float | None = None) -> QueryMix:
     """reference_queries, unmaterialized (the rows are read per head when the solver needs them)."""
     memo = {} if memo is None else memo
     collected = []
@@ -127,7 +130,7 @@ def query_mix(session, sources: QuerySources, context_ids: list[int] | None, max
         elif source == "repeat":
             queries = repeat_queries(session, context_ids if context_ids is not None else session.token_ids)
         elif source == "selfstudy":
-            queries = self_study_queries(session, seed=seed)
+            queries = self_study_queries(session, seed=seed, seconds=study_seconds)
         elif source == "recorded":
             if session.recent_recorder is None or not session.recent_recorder.tokens:
                 raise ValueError("query source 'recorded' needs decode-time queries: give the session a policy "
@@ -154,13 +157,14 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
                  task_ids: list[int] | None = None, task_share: float = TASK_SHARE, task_pin: int = 0,
                  span_ids: list[int] | None = None, pin_numbers: bool = False, scratch_bytes: int | None = None,
                  fallback: str | None = None, part_budgets: str = "attention", pinned: torch.Tensor | None = None,
-                 **knobs) -> SpanStats:
+                 study_seconds: float | None = None, **knobs) -> SpanStats:
     """Replace physical slots [start, end) of every compactable layer by a compacted block, in place.
 
     `queries` (ready-made) or `sources` ((name, weight) pairs) override the method's query sources; `memo`
     reuses sources already collected for this context (several compactions of one context); `context_ids` is the
     text repeat-prefill copies (default: every token the session has seen); `chunk` compacts contiguous chunks of
-    that many slots independently (long spans); `knobs` override solver settings (e.g. lo/hi bounds of β).
+    that many slots independently (long spans); `knobs` override solver settings (e.g. lo/hi bounds of β);
+    `study_seconds` bounds the time self-study queries take (answers cut there, prompts not yet begun left out).
     `task_ids` is a text known to follow the span (a question about it, the pending task): its queries and those
     of the model's greedy draft answer (up to TASK_DRAFT tokens, to the end of its turn), read on the live cache
     before it is compacted, are added to the method's queries as `task_share` of the rows, so that what it will
@@ -213,7 +217,7 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
         elif sources and fallback is None:
             memo = {} if memo is None else memo
             queries = query_mix(session, sources, context_ids, max_queries, seed, memo,
-                                min_rows=QUERIES_PER_SLOT * int(slots.max()))
+                                min_rows=QUERIES_PER_SLOT * int(slots.max()), study_seconds=study_seconds)
             if task_ids:
                 if "task" not in memo:
                     memo["task"] = session.probe(list(task_ids), generate=TASK_DRAFT, temperature=0.0)
