@@ -63,7 +63,8 @@ def compact_result(session, result_ids: list[int], spec: IngestSpec, task_ids: l
         if earlier.start + earlier.slots != start + spec.keep_first:
             raise ValueError("the earlier pieces' slots must end where this piece's middle starts")
         lo, due, text = earlier.start, earlier.due + due, earlier.middles + middle
-        pinned = torch.cat([earlier.pinned, torch.zeros(earlier.pinned.shape[0], hi - start, dtype=torch.bool)], 1) \
+        fresh = hi - (start + spec.keep_first)  # this piece's slots in the span
+        pinned = torch.cat([earlier.pinned, torch.zeros(earlier.pinned.shape[0], fresh, dtype=torch.bool)], 1) \
             if earlier.pinned is not None else None
         repeat = earlier.repeat
     else:

@@ -205,7 +205,8 @@ def compact_span(session, start: int, end: int, target: int | float, method: str
 
     tic = time.perf_counter()
     sources = named.queries if sources is None else sources
-    protect = None  # [span_len] bool: tokens kept in every head with their original keys and values
+    protect = None  # [span_len] bool: tokens kept in every head with their original keys and values (per head,
+    # [layers * kv_heads, span_len], once `pinned` joins it)
     if pinned is not None and pinned.shape != (len(layers) * heads, span_len):
         raise ValueError(f"pinned must be [{len(layers) * heads}, {span_len}] (compactable layers x KV heads, span "
                          f"slots), got shape {tuple(pinned.shape)}")
