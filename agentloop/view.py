@@ -164,7 +164,9 @@ def describe_agent_event(event: Event) -> str | None:
         whole = event.piece_start == 0 and event.piece_end == event.tokens
         what = f"{event.tool} result" + ("" if whole else f" (tokens {event.piece_start:,}-{event.piece_end:,} of "
                                                           f"{event.tokens:,})")
-        region = "tokens" if event.pieces_joined == 1 else f"slots (with the {event.pieces_joined - 1} earlier pieces)"
+        earlier = event.pieces_joined - 1
+        region = "tokens" if not earlier else f"slots (with the {'' if earlier == 1 else f'{earlier} '}earlier " \
+                                              f"piece{'s' if earlier > 1 else ''})"
         return (f"  ingested {what}: {event.slots_before:,} {region} -> {event.slots_after:,} slots, cache "
                 f"{format_bytes(event.bytes_before)} -> {format_bytes(event.bytes_after)} in {event.seconds:.1f}s "
                 f"(fit error {event.output_error:.3f})")
