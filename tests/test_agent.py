@@ -244,6 +244,22 @@ def test_a_result_longer_than_piece_tokens_is_prefilled_and_compacted_piece_by_p
         IngestSpec(keep_first=48, keep_last=32, piece_tokens=100)
 
 
+def test_joint_piece_budgets_recompact_the_earlier_pieces_with_each_new_one_in_the_same_slots(tiny_chat, workspace):
+    held = {}
+    for budgets in ("even", "joint"):
+        ingest = {"trigger_tokens": 200, "ratio": 0.25, "keep_first": 8, "keep_last": 8, "piece_tokens": 300,
+                  "max_queries": 256, "piece_budgets": budgets}
+        agent = make_agent(tiny_chat, workspace, call("read_file", path="short.txt"), "ok", memory={"ingest": ingest})
+        events, ingested = _ingest_events(agent)
+        assert events[-1].reason == "final_answer" and agent.memory.ingestions == 1
+        joined = [e.pieces_joined for e in ingested]
+        assert joined == ([1, 1, 1] if budgets == "even" else [1, 2, 3])
+        if budgets == "joint":  # each compaction covers every piece's middle so far, from the first one's
+            assert [e.span[0] for e in ingested] == [ingested[0].span[0]] * 3
+        held[budgets] = (agent.memory.physical_slots, [e.result_slots for e in ingested])
+    assert held["joint"] == held["even"]
+
+
 def test_ingestion_per_tool_overrides_and_exclude(tiny_chat, workspace):
     ingest = {"trigger_tokens": 500, "ratio": 0.5, "max_queries": 256, "per_tool": {"read_file": {"ratio": 0.1}}}
     agent = make_agent(tiny_chat, workspace, call("read_file", path="short.txt"), "ok", memory={"ingest": ingest})
