@@ -85,18 +85,27 @@ def test_joint_budgets_move_the_slots_to_the_piece_the_queries_look_at(tiny_chat
             assert in_last > due_last
 
 
-def test_joint_budgets_keep_the_earlier_pieces_pinned_numbers(tiny_chat):
+@pytest.mark.parametrize("where", ["first piece", "last piece"])
+def test_joint_budgets_keep_every_piece_s_pinned_numbers(tiny_chat, where):
+    # in the first piece the digits are pinned alone, then carried through the later joint compactions; in the last
+    # one they are found in the joint span's verbatim tail (span_ids) next to the earlier pieces' slots. A later
+    # piece is prefilled over the compacted earlier ones, so its keys and values match the whole prefill's only in
+    # the first layer (which sees no context): the last piece's digits are checked there
     tokenizer = tiny_chat.tokenizer
-    ids = _result_ids(tokenizer, 8 + 300, needle="Mill ledger. The pass key is 60494. ")
+    needle = "Mill ledger. The pass key is 60494. "
+    if where == "first piece":
+        ids = _result_ids(tokenizer, 8 + 300, needle=needle)
+    else:
+        ids = _result_ids(tokenizer, 8 + 290) + tokenizer(" " + needle, add_special_tokens=False)["input_ids"]
     last = next(i for i in range(4, len(ids)) if tokenizer.decode(ids[i - 4:i + 1]) == "60494")
     digits = [i for i in range(last - 4, last + 1) if tokenizer.decode([ids[i]]).strip().isdigit()]
     full = Session(tiny_chat)
     list(full.feed(ids))
     original = {(layer, i): (full.cache.layers[layer].keys[0, :, i], full.cache.layers[layer].values[0, :, i])
-                for layer in full.cache.compactable for i in digits}
+                for layer in full.cache.compactable[:None if where == "first piece" else 1] for i in digits}
     for pin in (True, False):
-        session, events = _ingest(tiny_chat, ids, _spec(piece_budgets="joint", pin_numbers=pin))
-        assert events[-1]["pieces_joined"] == 4
+        session, events = _ingest(tiny_chat, ids, _spec(piece_budgets="joint", pin_numbers=pin, keep_last=0))
+        assert events[-1]["pieces_joined"] == len(events) >= 3
         held = all(_held_exactly(session.cache, layer, key, value) for (layer, _), (key, value) in original.items())
         assert digits and held == pin
 
