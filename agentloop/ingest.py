@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,9 +38,8 @@ class CompactedPieces:
     start: int  # first physical slot
     slots: int  # slots held
     due: int  # slots the pieces are due: the sum of round(middle * ratio)
-    middles: list[int] = field(default_factory=list)  # their verbatim tokens, in order (the re-read's text)
     pinned: torch.Tensor | None = None  # [layers * kv_heads, slots] bool: slots kept as they were
-    repeat: RepeatMemory | None = None  # their re-read queries
+    repeat: RepeatMemory | None = None  # their re-read queries (and, as its `ids`, the text they read)
     pieces: int = 1
 
 
@@ -62,7 +61,7 @@ def compact_result(session, result_ids: list[int], spec: IngestSpec, task_ids: l
     if earlier is not None:
         if earlier.start + earlier.slots != start + spec.keep_first:
             raise ValueError("the earlier pieces' slots must end where this piece's middle starts")
-        lo, due, text = earlier.start, earlier.due + due, earlier.middles + middle
+        lo, due, text = earlier.start, earlier.due + due, earlier.repeat.ids + middle
         fresh = hi - (start + spec.keep_first)  # this piece's slots in the span
         pinned = torch.cat([earlier.pinned, torch.zeros(earlier.pinned.shape[0], fresh, dtype=torch.bool)], 1) \
             if earlier.pinned is not None else None
@@ -83,7 +82,7 @@ def compact_result(session, result_ids: list[int], spec: IngestSpec, task_ids: l
              "bytes_before": stats.bytes_before, "bytes_after": stats.bytes_after,
              "seconds": round(time.perf_counter() - tic, 3), "output_error": summary["output_error"],
              "mass_error": summary["mass_error"], "details": summary}
-    return event, CompactedPieces(lo, stats.kept, due, text, stats.pinned, repeat, pieces)
+    return event, CompactedPieces(lo, stats.kept, due, stats.pinned, repeat, pieces)
 
 
 def ingest_result(session, ids: list[int], spec: IngestSpec, task_ids: list[int] = (),
