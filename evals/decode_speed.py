@@ -1,12 +1,14 @@
 """Decode speed: agentloop's capped loop vs HF `generate`, same model, context and token count, side by side.
 
-For each context length the prompt (real prose) is prefilled once, outside the timing; each round then times
-`--new-tokens` greedy decode steps from a copy of that state, for our `Session` (under a cap the run never reaches,
-so the cache is preallocated and checked every step) and for HF `generate` on a stock copy of the model (SDPA,
-DynamicCache). Rounds alternate which runs first; we report medians and the median of per-round ratios, since
-these machines are noisy. `with β` forces the β path on every layer of our cache (β = 0, so the tokens stay
-comparable): what decoding costs after a compaction. On a GPU each row is also run with the static step captured
-in a CUDA graph (`graph`) and without (`eager`).
+For each context length the prompt (real prose) is prefilled once, outside the timing; each round then times `--new-
+tokens` greedy decode steps from a copy of that state, for our `Session` (under a cap the run never reaches, so the
+cache is preallocated and checked every step) and for HF `generate` on a stock copy of the model (SDPA, DynamicCache,
+its weights as transformers loads them: row-major). Rounds alternate which runs first; we report medians and the
+median of per-round ratios, since these machines are noisy. `with β` forces the β path on every layer of our cache (β
+= 0, so the tokens stay comparable): what decoding costs after a compaction. On a GPU each row is also run with the
+static step captured in a CUDA graph (`graph`) and without (`eager`). On a CPU our model holds its linear weights
+column-major (agentloop.models.stream_layout, what `load_model` does there); `--stock-layout` runs ours row-major too,
+to show what the layout alone is worth.
 """
 
 from __future__ import annotations
@@ -73,6 +75,12 @@ def time_hf(model, ids: list[int], cache, new_tokens: int) -> tuple[float, list[
     return time.perf_counter() - tic, out[0, len(ids):].tolist()
 
 
+def row_major(model) -> None:
+    """Every parameter in the row-major layout transformers loads (undoing agentloop's stream_layout)."""
+    for parameter in model.parameters():
+        parameter.data = parameter.data.contiguous()
+
+
 def measure(ours_model, hf_model, ids, new_tokens: int, rounds: int, beta: bool, decode: str) -> dict:
     session = prefilled(ours_model, ids, new_tokens, decode)
     start = (session.cache.snapshot(), len(session.token_ids), session.last_logits.clone())
@@ -109,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beta", choices=["both", "off", "on"], default="both", help="rows without and/or with β")
     parser.add_argument("--decodes", nargs="+", choices=["auto", "eager", "static", "graph"], default=None,
                         help="decode steps to run (default: auto on CPU, eager and graph on a GPU)")
+    parser.add_argument("--stock-layout", action="store_true",
+                        help="our model's weights row-major too, as transformers loads them (default on a CPU: "
+                             "column-major, see agentloop.models.stream_layout)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--threads", type=whole, default=0, help="torch threads (0 = torch's default)")
@@ -135,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         hf_model = load_model(args.model, dtype=args.dtype, device=args.device).model
     hf_model.set_attn_implementation("sdpa")
+    row_major(hf_model)
+    if args.stock_layout:
+        row_major(ours_model.model)
     contexts = args.contexts or ([64, 1024, 8192, 32768] if cuda else [64, 1024, 4096])
     decodes = args.decodes or (["eager", "graph"] if cuda else ["auto"])
     betas = {"both": [False, True], "off": [False], "on": [True]}[args.beta]
@@ -149,10 +163,12 @@ def main(argv: list[str] | None = None) -> int:
 
     command = ("agentloop eval decode-speed " + " ".join(argv or [])).strip()
     where = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}), {torch.get_num_threads()} threads"
+    layout = ("our weights row-major as loaded (--stock-layout)" if args.stock_layout or cuda
+              else "our linear weights column-major (stream_layout), HF's row-major as transformers loads them")
     lines = [f"# Decode speed: agentloop loop vs HF generate ({args.model}, {ours_model.dtype}, {where})", "",
              f"{args.new_tokens} greedy tokens after a prefilled context of real prose; {args.rounds} alternating rounds; "
              "decode time only (the prefill is done once, untimed). Ratio = median of per-round (HF time / ours). "
-             "`with β`: the β attention path forced on every layer.", "",
+             f"`with β`: the β attention path forced on every layer. Weights: {layout}.", "",
              "| context | decode step | β | agentloop tok/s | HF generate tok/s | **ratio** | same greedy tokens |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -172,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         data = {"benchmark": "decode-speed", "model": args.model, "dtype": str(ours_model.dtype), "device": where,
                 "new_tokens": args.new_tokens, "rounds": args.rounds, "rows": rows, "command": command,
+                "layout": layout,
                 "torch": torch.__version__}
         print(f"wrote {write_results(args.name, data, text)}")
     return 0
