@@ -1,7 +1,7 @@
 """Decode speed: agentloop's capped loop vs HF `generate`, same model, context and token count, side by side.
 
-For each context length the prompt (real prose) is prefilled once, outside the timing; each round then times `--new-
-tokens` greedy decode steps from a copy of that state, for our `Session` (under a cap the run never reaches, so the
+For each context length the prompt (real prose) is prefilled once, outside the timing; each round then times
+`--new-tokens` greedy decode steps from a copy of that state, for our `Session` (under a cap the run never reaches, so the
 cache is preallocated and checked every step) and for HF `generate` on a stock copy of the model (SDPA, DynamicCache,
 its weights as transformers loads them: row-major). Rounds alternate which runs first; we report medians and the
 median of per-round ratios, since these machines are noisy. `with β` forces the β path on every layer of our cache (β
