@@ -79,6 +79,8 @@ class StaticDecoder:
             recorder.static_slot = self.ring_slot
         try:
             with sdpa_backends(self.input_ids.device):
+                if session.lean is not None:
+                    return session.lean.forward(session.cache, self.input_ids, self.position_ids, recorder)[0, -1]
                 out = session.model(input_ids=self.input_ids, position_ids=self.position_ids,
                                     past_key_values=session.cache, use_cache=True, beta_cache=session.cache,
                                     query_recorder=recorder, logits_to_keep=1)

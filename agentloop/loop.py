@@ -21,6 +21,7 @@ from agentloop.compaction.queries import QueryRecorder
 from agentloop.decode import StaticDecoder, sdpa_backends
 from agentloop.errors import AgentloopError
 from agentloop.events import Event, PauseEvent, PolicyEvent, PrefillEvent, StopEvent, TokenEvent
+from agentloop.lean import LeanForward
 from agentloop.memcap import MemCap, format_bytes, parse_mem_cap
 from agentloop.models import LoadedModel
 from agentloop.policies import MemoryPolicy, NoPolicy, Room
@@ -47,9 +48,11 @@ class Session:
     """One KV cache under a memory cap, fed and decoded by the loop."""
 
     def __init__(self, loaded: LoadedModel, cap: MemCap | str | int | None = None,
-                 policy: MemoryPolicy | None = None, prefill_chunk: int = budget.PREFILL_CHUNK, decode: str = "auto"):
+                 policy: MemoryPolicy | None = None, prefill_chunk: int = budget.PREFILL_CHUNK, decode: str = "auto",
+                 lean: bool = True):
         """`decode`: the one-token step — `auto` (a CUDA graph on a GPU, eager on CPU), `graph`, `static` (static
-        shapes without a graph: what the graph replays, runnable anywhere) or `eager`."""
+        shapes without a graph: what the graph replays, runnable anywhere) or `eager`. `lean`: one-token forwards
+        through agentloop.lean where the architecture allows (the same logits, less host work per token)."""
         self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
         attention.enable(self.model)
         self.policy = policy or NoPolicy()
@@ -75,6 +78,7 @@ class Session:
             raise AgentloopError(f"unknown decode step {decode!r}: use auto, graph, static or eager")
         self.decode = decode
         self._decoder: StaticDecoder | None = None
+        self.lean = LeanForward(self.model) if lean and LeanForward.applies(self.model, self.cache) else None
         self.peak_bytes = 0
         self.policy_actions = 0
         self._t0 = time.perf_counter()
@@ -275,6 +279,8 @@ class Session:
         else:
             positions = torch.tensor([positions], device=device)
         with sdpa_backends(device):
+            if self.lean is not None and len(ids) == 1 and not every_position:
+                return self.lean.forward(self.cache, input_ids, positions, recorder)[0, -1].float()
             out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=self.cache,
                              use_cache=True, beta_cache=self.cache, query_recorder=recorder,
                              logits_to_keep=0 if every_position else 1)

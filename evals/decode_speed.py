@@ -27,11 +27,11 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def prefilled(loaded, ids: list[int], new_tokens: int, decode: str):
+def prefilled(loaded, ids: list[int], new_tokens: int, decode: str, lean: bool = True):
     """A session that has read `ids`, under a cap with room for the decode."""
     from agentloop import Session
 
-    session = Session(loaded, cap=f"{len(ids) + new_tokens + 64}tok", decode=decode)
+    session = Session(loaded, cap=f"{len(ids) + new_tokens + 64}tok", decode=decode, lean=lean)
     for _ in session.feed(ids):
         pass
     return session
@@ -81,8 +81,9 @@ def row_major(model) -> None:
         parameter.data = parameter.data.contiguous()
 
 
-def measure(ours_model, hf_model, ids, new_tokens: int, rounds: int, beta: bool, decode: str) -> dict:
-    session = prefilled(ours_model, ids, new_tokens, decode)
+def measure(ours_model, hf_model, ids, new_tokens: int, rounds: int, beta: bool, decode: str,
+            lean: bool = True) -> dict:
+    session = prefilled(ours_model, ids, new_tokens, decode, lean)
     start = (session.cache.snapshot(), len(session.token_ids), session.last_logits.clone())
     cache = hf_prefilled(hf_model, ids)
     time_ours(session, start, min(4, new_tokens), beta)  # warm-up (and graph capture) outside the timing
@@ -97,7 +98,8 @@ def measure(ours_model, hf_model, ids, new_tokens: int, rounds: int, beta: bool,
         rounds_out.append({"ours_tok_s": new_tokens / result["ours"][0], "hf_tok_s": new_tokens / result["hf"][0],
                            "ratio": result["hf"][0] / result["ours"][0], "same_tokens": same})
     fallback = session._decoder.fallback if session._decoder is not None else None
-    return {"context": len(ids), "beta": beta, "decode": decode, "rounds": rounds_out, "graph_fallback": fallback,
+    return {"context": len(ids), "beta": beta, "decode": decode, "lean": session.lean is not None,
+            "rounds": rounds_out, "graph_fallback": fallback,
             "ours_tok_s": statistics.median(r["ours_tok_s"] for r in rounds_out),
             "hf_tok_s": statistics.median(r["hf_tok_s"] for r in rounds_out),
             "ratio": statistics.median(r["ratio"] for r in rounds_out),
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stock-layout", action="store_true",
                         help="our model's weights row-major too, as transformers loads them (default on a CPU: "
                              "column-major, see agentloop.models.stream_layout)")
+    parser.add_argument("--no-lean", action="store_true",
+                        help="our one-token forwards through the modeling code, not agentloop.lean")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--threads", type=whole, default=0, help="torch threads (0 = torch's default)")
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = prose_ids(ours_model.tokenizer, context)
         for decode in decodes:
             for beta in betas:
-                row = measure(ours_model, hf_model, ids, args.new_tokens, args.rounds, beta, decode)
+                row = measure(ours_model, hf_model, ids, args.new_tokens, args.rounds, beta, decode, not args.no_lean)
                 rows.append(row)
                 print({k: v for k, v in row.items() if k != "rounds"}, flush=True)
 
@@ -182,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Decode speed: agentloop loop vs HF generate ({args.model}, {ours_model.dtype}, {where})", "",
              f"{args.new_tokens} greedy tokens after a prefilled context of real prose; {args.rounds} alternating rounds; "
              "decode time only (the prefill is done once, untimed). Ratio = median of per-round (HF time / ours). "
-             f"`with β`: the β attention path forced on every layer. Weights: {layout}.", "",
+             f"`with β`: the β attention path forced on every layer. Weights: {layout}. One-token forwards: "
+             f"{'the modeling code (--no-lean)' if args.no_lean else 'agentloop.lean where it applies'}.", "",
              "| context | decode step | β | agentloop tok/s | HF generate tok/s | **ratio** | same greedy tokens |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

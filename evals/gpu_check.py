@@ -174,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             plan = {  # each writes evals/results/<name>_gpu.{json,md}
                 "decode_speed": (decode_speed, common + ["--contexts", "1024", "8192", "--new-tokens", "64",
                                                           "--rounds", "3", "--name", "decode_speed_gpu"]),
+                # what the written-out one-token forward is worth without a graph (agentloop.lean)
+                "decode_speed_no_lean": (decode_speed, common + ["--contexts", "1024", "--decodes", "eager", "--beta",
+                                                                  "off", "--new-tokens", "64", "--rounds", "3",
+                                                                  "--no-lean", "--name", "decode_speed_gpu_no_lean"]),
                 "compaction_speed": (compaction_speed, common + ["--lengths", "8192", "32768", "--ratios", "2", "10",
                                                                   "--online-caps", "2048", "8192", "--online-events", "2",
                                                                   "--name", "compaction_speed_gpu"]),

@@ -292,3 +292,32 @@ def test_static_decode_step_matches_a_plain_forward(tiny_llama):
     logits, _ = _run(session, prompt, steps=100)
     expected = _reference_logits(reference, session.token_ids, len(prompt))
     assert (logits - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_lean_forward_gives_the_modeling_code_logits_and_queries_across_compactions(arch, monkeypatch):
+    """The written-out one-token forward (agentloop.lean) against the model's own forward on the same capped run:
+    the same greedy tokens, logits to float32 round-off and the same recorded decode-time queries, through
+    compactions (β on the cache); Gemma 3 (sliding windows, scaled embeddings) keeps the modeling code."""
+    from conftest import _tiny
+
+    from agentloop.lean import LeanForward
+    from agentloop.models import LoadedModel
+
+    calls, forward = [], LeanForward.forward
+    monkeypatch.setattr(LeanForward, "forward", lambda self, *args: calls.append(1) or forward(self, *args))
+    loaded = LoadedModel(model=_tiny(arch), tokenizer=None, name=f"tiny-{arch}", source="config")
+    prompt = _prompt(40)
+    runs = {}
+    for lean in (True, False):
+        session = Session(loaded, cap="64tok", policy=make_policy("am", protect_recent=8), decode="eager", lean=lean)
+        logits, events = _run(session, prompt, steps=60)
+        runs[lean] = (logits, session)
+        assert sum(e.kind == "policy" for e in events) >= 2
+    (lean_logits, a), (model_logits, b) = runs[True], runs[False]
+    assert (a.lean is not None) == (arch != "gemma3") and b.lean is None
+    assert len(calls) == (0 if arch == "gemma3" else 60)  # every decode step of the lean run, none of the other
+    assert a.token_ids == b.token_ids
+    assert (lean_logits - model_logits).abs().max() <= 1e-5
+    first = a.cache.compactable[0]
+    assert torch.equal(a.recent_recorder.queries()[first].float(), b.recent_recorder.queries()[first].float())
