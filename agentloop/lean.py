@@ -14,16 +14,12 @@ them (Qwen3). Others (Gemma 3's scaled embeddings and extra norms, sliding windo
 from __future__ import annotations
 
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # the same in Qwen2 and Qwen3
 
 from agentloop.attention import beta_attention
 from agentloop.cache import CompactableLayer
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class LeanForward:
@@ -43,7 +39,6 @@ class LeanForward:
         inner, head_dim = self.inner, self.head_dim
         x = inner.embed_tokens(input_ids)  # [1, 1, hidden]
         cos, sin = inner.rotary_emb(x, position_ids)  # [1, 1, head_dim]
-        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads: [1, 1, 1, head_dim]
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
@@ -54,7 +49,7 @@ class LeanForward:
             if hasattr(attn, "q_norm"):
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
             keys, values = cache.layers[i].update(k, v)
             out, _ = beta_attention(attn, q, keys, values, scaling=attn.scaling, beta_cache=cache,
                                     query_recorder=recorder)  # [1, 1, heads, head_dim]
