@@ -150,10 +150,8 @@ def stream_layout(model: torch.nn.Module) -> None:
     within noise. GPUs read either layout at full speed: their weights are left as loaded. Tied weights are
     re-laid once; the logits agree with the row-major model's to float32 round-off (the sums run in another order)."""
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, torch.nn.Linear) and weight.device.type == "cpu" and weight.is_contiguous() \
-                and weight.dim() == 2:
-            weight.data = weight.data.t().contiguous().t()
+        if isinstance(module, torch.nn.Linear) and module.weight.device.type == "cpu" and module.weight.is_contiguous():
+            module.weight.data = module.weight.data.t().contiguous().t()
 
 
 def _random_model(spec: str, dtype: torch.dtype, device: str) -> LoadedModel:

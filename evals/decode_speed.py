@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 
     command = ("agentloop eval decode-speed " + " ".join(argv or [])).strip()
     where = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}), {torch.get_num_threads()} threads"
-    layout = ("our weights row-major as loaded (--stock-layout)" if args.stock_layout or cuda
+    layout = ("ours and HF's row-major, as transformers loads them" + (" (--stock-layout)" if args.stock_layout else "")
+              if args.stock_layout or cuda
               else "our linear weights column-major (stream_layout), HF's row-major as transformers loads them")
     lines = [f"# Decode speed: agentloop loop vs HF generate ({args.model}, {ours_model.dtype}, {where})", "",
              f"{args.new_tokens} greedy tokens after a prefilled context of real prose; {args.rounds} alternating rounds; "
