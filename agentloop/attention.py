@@ -12,7 +12,7 @@ never repeated per query head. Paths:
                    (nothing allocated per step); the static decode step attends over the whole buffer this way,
                    with β = −inf past the held slots;
   several tokens - a causal (and sliding-window) mask, plus β where the layer has it, built for blocks of query
-                   rows whose mask stays under `MASK_BYTES`.
+                   rows whose mask stays under `MASK_BYTES`, each block over only the keys its rows can see.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from transformers import AttentionInterface
 
 IMPLEMENTATION = "agentloop"
 MASK_BYTES = 8 << 20  # default bound on one block's attention mask in a multi-token forward (the budget sets it)
+CAUSAL_BLOCK = 256  # most query positions per block: smaller blocks skip more of the keys no row of theirs sees
 
 
 def beta_attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, sliding_window=None,
@@ -53,28 +54,34 @@ def beta_attention(module, query, key, value, attention_mask=None, dropout=0.0, 
 
 
 def _causal_blocks(grouped, key, value, bias, q_len, groups, scaling, sliding_window, dropout, limit):
-    """Attention of q_len new tokens (the newest slots) in blocks of query rows: [batch, kv_heads, groups * q_len, d]."""
+    """Attention of q_len new tokens (the newest slots) in blocks of query rows: [batch, kv_heads, groups * q_len, d].
+
+    A block attends only to the keys some of its rows can see (up to its last row's slot, and from its first row's
+    window start), so a causal prefill does about half the work of attending to every key in every block."""
     batch, kv_heads, _, head_dim = grouped.shape
     kv_len = key.shape[2]
+    past = kv_len - q_len  # slots held before the new tokens
     element = 1 if bias is None else grouped.element_size()
     per_row = groups * kv_len * element * (kv_heads if bias is not None else 1)
-    block = max(1, min(q_len, limit // per_row))
+    block = max(1, min(q_len, CAUSAL_BLOCK, limit // per_row))
     by_query = grouped.view(batch, kv_heads, groups, q_len, head_dim)
-    slots = torch.arange(kv_len, device=grouped.device)
     out = []
     for lo in range(0, q_len, block):
         hi = min(lo + block, q_len)
-        rows = torch.arange(lo, hi, device=grouped.device)[:, None] + (kv_len - q_len)  # each query's own slot
-        visible = slots[None, :] <= rows  # [rows, kv]
+        first = 0 if sliding_window is None else max(0, past + lo - sliding_window + 1)  # keys [first, past + hi)
+        rows = torch.arange(past + lo, past + hi, device=grouped.device)[:, None]  # each query's own slot
+        slots = torch.arange(first, past + hi, device=grouped.device)[None, :]
+        visible = slots <= rows  # [rows, keys]
         if sliding_window is not None:
-            visible &= rows - slots[None, :] < sliding_window
+            visible &= rows - slots < sliding_window
         if bias is None:
-            mask = visible.repeat(groups, 1)  # [groups * rows, kv], rows ordered (group, query)
+            mask = visible.repeat(groups, 1)  # [groups * rows, keys], rows ordered (group, query)
         else:
-            mask = torch.where(visible, bias[:, :, None, :].to(grouped.dtype), -math.inf)  # [batch, kv_heads, rows, kv]
-            mask = mask.repeat(1, 1, groups, 1)
+            mask = torch.where(visible, bias[:, :, None, first:past + hi].to(grouped.dtype), -math.inf)
+            mask = mask.repeat(1, 1, groups, 1)  # [batch, kv_heads, groups * rows, keys]
         queries = by_query[:, :, :, lo:hi].reshape(batch, kv_heads, groups * (hi - lo), head_dim)
-        part = F.scaled_dot_product_attention(queries, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        part = F.scaled_dot_product_attention(queries, key[:, :, first:past + hi], value[:, :, first:past + hi],
+                                              attn_mask=mask, dropout_p=dropout, scale=scaling)
         out.append(part.view(batch, kv_heads, groups, hi - lo, -1))
     return torch.cat(out, dim=3).reshape(batch, kv_heads, groups * q_len, -1) if len(out) > 1 else out[0].reshape(
         batch, kv_heads, groups * q_len, -1)

@@ -321,3 +321,30 @@ def test_lean_forward_gives_the_modeling_code_logits_and_queries_across_compacti
     assert (lean_logits - model_logits).abs().max() <= 1e-5
     first = a.cache.compactable[0]
     assert torch.equal(a.recent_recorder.queries()[first].float(), b.recent_recorder.queries()[first].float())
+
+
+@pytest.mark.parametrize("window", [None, 200])
+@pytest.mark.parametrize("with_beta", [False, True])
+def test_multi_token_attention_in_blocks_matches_a_dense_softmax(with_beta, window):
+    """A 600-token forward on top of 300 held slots, cut into blocks that each see only their keys, against one dense
+    masked softmax in float64 (causal, sliding window, β)."""
+    from agentloop.attention import _causal_blocks
+
+    gen = torch.Generator().manual_seed(0)
+    kv_heads, groups, d, past, q_len = 2, 3, 16, 300, 600
+    kv_len = past + q_len
+    queries = torch.randn(1, kv_heads, groups * q_len, d, generator=gen)
+    keys, values = (torch.randn(1, kv_heads, kv_len, d, generator=gen) for _ in range(2))
+    beta = torch.randn(1, kv_heads, kv_len, generator=gen) if with_beta else None
+    out = _causal_blocks(queries, keys, values, beta, q_len, groups, 0.25, window, 0.0, limit=1 << 20)
+
+    rows = torch.arange(past, kv_len)[:, None]
+    slots = torch.arange(kv_len)[None, :]
+    visible = (slots <= rows) & ((rows - slots < window) if window else True)  # [q_len, kv_len]
+    logits = 0.25 * queries.double().view(1, kv_heads, groups, q_len, d) @ keys.double()[:, :, None].mT
+    if beta is not None:
+        logits = logits + beta.double()[:, :, None, None, :]
+    probs = logits.masked_fill(~visible, -math.inf).softmax(-1)
+    expected = (probs @ values.double()[:, :, None]).reshape(1, kv_heads, groups * q_len, d)
+    assert out.shape == expected.shape
+    assert (out.double() - expected).abs().max() < 1e-5
