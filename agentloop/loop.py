@@ -228,8 +228,8 @@ class Session:
         The transient tokens live in the slots the budget keeps free for them. When `ids` (and the draft) do not
         fit there, they are read in windows, each rolled back before the next: the first `prefix` ids (e.g. an
         instruction) and then the next piece of the rest, at the positions a single read would give them, so the
-        pieces see the cache and the prefix but not each other (the draft follows the last window). `into`: storage
-        for the reservoir (QueryRecorder)."""
+        pieces see the cache and the prefix (read once, before the first window) but not each other (the draft follows
+        the last window). `into`: storage for the reservoir (QueryRecorder)."""
         recorder = QueryRecorder(self.cache.compactable, self.cache.kv_heads, rows=self.query_rows, seed=seed, into=into)
         settings = GenerationSettings(temperature=temperature, top_p=0.9, seed=seed)
         generator = torch.Generator(self.loaded.device).manual_seed(seed)
@@ -243,28 +243,39 @@ class Session:
             if size < 1:
                 raise AgentloopError(f"a probe of {prefix} + {generate} tokens does not fit the {room} free slots")
             windows = [(lo, body[lo:lo + size]) for lo in range(0, len(body), size)]
-        first = self.cache.logical_len
-        for k, (offset, piece) in enumerate(windows):
-            snapshot = self.cache.snapshot()
-            try:
-                # one forward per chunk of the window; the piece sits where a single read would put it
-                ids_, positions = head + piece, list(range(first, first + prefix)) + list(
-                    range(first + prefix + offset, first + prefix + offset + len(piece)))
-                for i in range(0, len(ids_), self.prefill_chunk):
-                    logits = self._step(ids_[i:i + self.prefill_chunk], recorder,
-                                        positions=positions[i:i + self.prefill_chunk])
-                position = positions[-1] + 1
-                for _ in range(generate if k == len(windows) - 1 else 0):
-                    token = sample(logits, settings, generator, self.token_ids)
-                    if token in eos:  # what follows the end of the turn is not an answer about the context
-                        break
-                    if deadline is not None and time.monotonic() >= deadline:
-                        break
-                    logits = self._step([token], recorder, positions=[position])
-                    position += 1
-            finally:
-                self.cache.restore(snapshot)
+        first, single = self.cache.logical_len, len(windows) == 1
+        outer = self.cache.snapshot()
+        try:
+            # several windows: the prefix once, each window after it; one window: the prefix and the rest in one read
+            logits = None if single else self._read(head, recorder, first)
+            for k, (offset, piece) in enumerate(windows):
+                snapshot = self.cache.snapshot()
+                try:
+                    # the piece sits where a single read would put it
+                    logits = self._read(head + piece if single else piece, recorder,
+                                        first if single else first + prefix + offset)
+                    position = first + prefix + offset + len(piece)
+                    for _ in range(generate if k == len(windows) - 1 else 0):
+                        token = sample(logits, settings, generator, self.token_ids)
+                        if token in eos:  # what follows the end of the turn is not an answer about the context
+                            break
+                        if deadline is not None and time.monotonic() >= deadline:
+                            break
+                        logits = self._step([token], recorder, positions=[position])
+                        position += 1
+                finally:
+                    self.cache.restore(snapshot)
+        finally:
+            self.cache.restore(outer)
         return recorder.queries()
+
+    def _read(self, ids: list[int], recorder: QueryRecorder, first: int) -> torch.Tensor | None:
+        """Forwards of `ids` at positions first.. in prefill chunks, recording queries: the last logits (None: no ids)."""
+        logits = None
+        for i in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[i:i + self.prefill_chunk]
+            logits = self._step(chunk, recorder, positions=list(range(first + i, first + i + len(chunk))))
+        return logits
 
     @torch.inference_mode()
     def _step(self, ids: list[int], recorder: QueryRecorder | None = None, every_position: bool = False,

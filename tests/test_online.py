@@ -173,3 +173,35 @@ def test_prompt_share_carries_a_pass_key_through_six_halvings(smollm2):
         assert policy.compactions == 6 and peak <= cap
         answers[share] = asked[-1][1]["answer"]
     assert key in answers[0.5] and key not in answers[0.0], answers
+
+
+def test_a_windowed_reread_reads_its_prefix_once_and_each_window_after_it(tiny_llama):
+    """A re-read longer than the probe slots goes in windows: the prefix (the instruction) is read once, each window
+    after it at the positions a single read gives it. The prefix and the first window see what a single read sees,
+    so their queries equal an uncapped session's; the second window does not see the first, so its queries differ."""
+    capped = Session(tiny_llama, cap="64tok", policy=make_policy("am", queries="repeat"))
+    uncapped = Session(tiny_llama)
+    for session in (capped, uncapped):
+        list(session.feed(_prompt(20)))
+    head, body = _prompt(6, seed=4), _prompt(240, seed=5)
+    room = capped.cache.layers[capped.cache.compactable[0]].capacity - capped.cache.physical_len
+    size, chunk = room - len(head), capped.prefill_chunk
+    assert size < len(body) <= 2 * size and len(head) <= chunk  # two windows; the prefix in one forward
+    assert uncapped.prefill_chunk >= len(head) + len(body)  # the single read in one forward
+    windowed = capped.probe(head + body, prefix=len(head))
+    single = uncapped.probe(head + body, prefix=len(head))
+    kv_heads, groups = capped.cache.kv_heads, tiny_llama.model.config.num_attention_heads // capped.cache.kv_heads
+    # offers to the recorder, in order: the prefix, then each window in forwards of at most `chunk` tokens
+    forwards = [(0, len(head))] + [(len(head) + lo + i, len(head) + lo + min(i + chunk, len(body[lo:lo + size])))
+                                   for lo in (0, size) for i in range(0, len(body[lo:lo + size]), chunk)]
+    for layer, rows in windowed.items():
+        assert rows.shape[1] == groups * (len(head) + len(body))  # every token once, the prefix too
+        by_token = single[layer].view(kv_heads, groups, -1, rows.shape[-1])  # rows ordered (group, token)
+        at = 0
+        for lo, hi in forwards:
+            got = rows[:, at:at + groups * (hi - lo)].view(kv_heads, groups, hi - lo, -1)
+            at += groups * (hi - lo)
+            if hi <= len(head) + size:
+                torch.testing.assert_close(got.float(), by_token[:, :, lo:hi].float(), atol=4e-3, rtol=4e-3)
+            elif layer > 0:  # layer 0's queries depend on the token and its position only
+                assert not torch.allclose(got.float(), by_token[:, :, lo:hi].float(), atol=0.05)
